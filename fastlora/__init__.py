@@ -1,0 +1,25 @@
+"""fastlora: fused LoRA forward and backward kernels for PyTorch.
+
+``y = x W^T + bias + scale * B(A(dropout(x)))`` in one pass, with the dropout mask regenerated
+from a seed instead of stored. Import never touches a GPU and never fails for a missing
+optional piece (triton, the C++ extension): the ``torch`` backend always works.
+"""
+
+from .functional import available_backends, dropout_mask, get_backend, lora_linear, set_backend
+from .nn import LoRALinear, inject, lora_layers, merge, print_trainable_parameters, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALinear",
+    "available_backends",
+    "dropout_mask",
+    "get_backend",
+    "inject",
+    "lora_layers",
+    "lora_linear",
+    "merge",
+    "print_trainable_parameters",
+    "set_backend",
+    "unmerge",
+]

@@ -1,0 +1,58 @@
+"""The autograd.Function behind ``fastlora.lora_linear``: save/recompute policy, nothing else.
+
+Saved for backward (DESIGN.md section 1): ``x`` (only when dA or dW is needed; autograd shares
+the storage with every other reader of x), ``z`` (M x r, only when dB is needed) and the seed.
+Never a dropped copy of x, a mask, or any M x K / M x N temporary.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+
+class LoRAFunction(torch.autograd.Function):
+    """``y = x W^T + bias + scale * (dropout(x) A^T) B^T`` with a seeded, regenerated mask.
+
+    x: (..., K); weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r);
+    all of one dtype and device (fastlora.functional checks). Returns (..., N).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        scale: float,
+        p: float,
+        seed: int,
+        backend: ModuleType,
+    ) -> Tensor:
+        lead = x.shape[:-1]
+        y, z = backend.forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, p, seed)
+        need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
+        need_z = ctx.needs_input_grad[4]
+        # x is saved as the caller's tensor (not a reshaped copy) so its storage stays shared.
+        ctx.save_for_backward(x if need_x else None, z if need_z else None, weight, lora_A, lora_B)
+        ctx.x_shape = x.shape
+        ctx.scale, ctx.p, ctx.seed, ctx.backend = scale, p, seed, backend
+        return y.view(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, z, weight, lora_A, lora_B = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        needs = (nig[0], nig[1], nig[2], nig[3], nig[4])
+        if not any(needs):
+            return (None,) * 9
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = None if x is None else x.reshape(-1, x.shape[-1])
+        dx, dW, db, dA, dB = ctx.backend.backward(g, x2, z, weight, lora_A, lora_B, ctx.scale, ctx.p, ctx.seed, needs)
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        return dx, dW, db, dA, dB, None, None, None, None

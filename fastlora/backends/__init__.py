@@ -1,0 +1,65 @@
+"""Backend table: one module per backend, one contract.
+
+Every backend module exposes the same three functions, called by
+:class:`fastlora.autograd.LoRAFunction` on 2-D, same-dtype, same-device tensors:
+
+``dropout_mask(M, K, p, seed, device) -> BoolTensor (M, K)``
+    The keep-mask (True = kept) of the seeded dropout generator (see ``fastlora/_philox.py``
+    for the bit-exact definition shared by every backend).
+
+``forward(x, weight, bias, lora_A, lora_B, scale, p, seed) -> (y, z)``
+    ``x: (M, K)``, ``weight: (N, K)``, ``bias: (N,) | None``, ``lora_A: (r, K)``,
+    ``lora_B: (N, r)``. Returns ``y = x W^T + bias + scale * z B^T`` of shape (M, N) and
+    ``z = dropout(x) A^T`` of shape (M, r) (unscaled, x's dtype). ``p == 0`` means no dropout.
+
+``backward(g, x, z, weight, lora_A, lora_B, scale, p, seed, needs) -> (dx, dW, dbias, dA, dB)``
+    ``g: (M, N)``; ``x`` may be None when neither dA nor dW is needed; ``z`` may be None when
+    dB is not needed. ``needs`` is a 5-tuple of bools in the same order as the result; an
+    entry that is not needed is returned as None and never computed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+
+import torch
+
+# name -> module path; "auto" and "reference" are resolved by fastlora.functional.
+_MODULES = {
+    "torch": "fastlora.backends.torch_backend",
+    "triton": "fastlora.backends.triton_backend",
+}
+_loaded: dict[str, ModuleType | None] = {}
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def load(name: str) -> ModuleType | None:
+    """Import backend ``name`` lazily; None (with one warning) if it cannot be imported."""
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except Exception as exc:  # missing triton, broken install, ...
+            _loaded[name] = None
+            _warn_once(f"import-{name}", f"fastlora: backend {name!r} unavailable ({exc}); using 'torch'")
+    return _loaded[name]
+
+
+def usable(name: str, device: torch.device) -> bool:
+    """True when backend ``name`` can run on tensors of ``device``."""
+    if name not in _MODULES:
+        return False
+    mod = load(name)
+    return mod is not None and mod.is_available(device)
+
+
+def installed() -> list[str]:
+    """Backends whose module imports (not checking any device)."""
+    return [n for n in _MODULES if load(n) is not None]

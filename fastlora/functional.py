@@ -1,0 +1,198 @@
+"""``lora_linear``: checks inputs, picks the backend, calls the Function."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from .autograd import LoRAFunction
+
+_BACKEND_NAMES = ("auto", "torch", "reference", "triton", "cuda")
+_backend = "auto"
+_SEED_LIMIT = 2**63
+
+
+def available_backends() -> list[str]:
+    """Backend names usable in this install: "auto", "torch", "reference", and any kernel backend
+    whose module imports (it may still need a particular device, e.g. triton wants CUDA or
+    ``TRITON_INTERPRET=1``)."""
+    return ["auto", "torch", "reference"] + [n for n in backends.installed() if n != "torch"]
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend used when ``lora_linear(..., backend=None)``."""
+    global _backend
+    _check_backend_name(name)
+    _backend = name
+
+
+def get_backend() -> str:
+    """The process-wide default backend name ("auto" unless changed)."""
+    return _backend
+
+
+def _check_backend_name(name: str) -> None:
+    if not isinstance(name, str) or name not in _BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {_BACKEND_NAMES}, got {name!r}")
+    if name not in available_backends():
+        raise ValueError(f"backend {name!r} is not available in this install; available: {available_backends()}")
+
+
+def _resolve(name: str | None, device: torch.device) -> str:
+    """Map a requested backend name to a concrete one for tensors on ``device``."""
+    name = _backend if name is None else name
+    _check_backend_name(name)
+    if name == "auto":
+        if device.type == "cuda":
+            if backends.usable("triton", device):
+                return "triton"
+            backends._warn_once("auto-cuda", "fastlora: triton unavailable for CUDA tensors; using the 'torch' backend")
+        return "torch"
+    if name in ("torch", "reference"):
+        return name
+    if not backends.usable(name, device):
+        hint = " (set TRITON_INTERPRET=1 before importing triton to run it on CPU)" if name == "triton" else ""
+        raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors{hint}")
+    return name
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's default CPU generator, so torch.manual_seed reproduces it."""
+    return int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64).item())
+
+
+def dropout_mask(
+    shape: tuple[int, int], p: float, seed: int, backend: str | None = None, device: torch.device | str = "cpu"
+) -> Tensor:
+    """The exact keep-mask (True = kept) that ``lora_linear`` uses for an input flattened to
+    ``shape = (M, K)`` with dropout probability ``p`` and ``seed``. Every backend produces the
+    same bits (fastlora/_philox.py defines them)."""
+    if len(shape) != 2:
+        raise ValueError(f"shape must be (M, K), got {tuple(shape)}")
+    _check_p(p)
+    _check_seed(seed)
+    device = torch.device(device)
+    name = _resolve(backend, device)
+    mod = backends.load("torch" if name == "reference" else name)
+    return mod.dropout_mask(int(shape[0]), int(shape[1]), float(p), int(seed), device)
+
+
+def _check_p(p: float) -> None:
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not (0.0 <= p < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {p!r}")
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < _SEED_LIMIT):
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+
+
+def _check_inputs(x, weight, lora_A, lora_B, bias, scale) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., K)")
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got dtype {t.dtype}")
+    N, K = weight.shape
+    r = lora_A.shape[0]
+    if x.shape[-1] != K:
+        raise ValueError(
+            f"x's last dim {x.shape[-1]} (x shape {tuple(x.shape)}) != weight in_features {K} "
+            f"(weight shape {tuple(weight.shape)})"
+        )
+    if r == 0:
+        raise ValueError(f"LoRA rank must be >= 1, got lora_A shape {tuple(lora_A.shape)}")
+    if lora_A.shape[1] != K:
+        raise ValueError(
+            f"lora_A shape {tuple(lora_A.shape)} must be (r, K) with K={K} (weight shape {tuple(weight.shape)})"
+        )
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(
+            f"lora_B shape {tuple(lora_B.shape)} must be (N, r) = ({N}, {r}) for weight {tuple(weight.shape)} "
+            f"and lora_A {tuple(lora_A.shape)}"
+        )
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"bias shape {tuple(bias.shape)} must be ({N},) for weight {tuple(weight.shape)}")
+    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        tensors["bias"] = bias
+    devices = {n: t.device for n, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {', '.join(f'{n}: {d}' for n, d in devices.items())}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float, got {scale!r}")
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    *,
+    scale: float,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Fused LoRA linear: ``y = x W^T + bias + scale * (dropout(x) A^T) B^T``.
+
+    x: (..., K); weight: (N, K); lora_A: (r, K); lora_B: (N, r); bias: (N,) or None.
+    Returns (..., N) in x's dtype (the autocast dtype under autocast).
+
+    Dropout (on the LoRA branch input only, as PEFT) applies when ``training`` and
+    ``dropout_p > 0``. Its mask is regenerated from ``seed`` in backward, never stored; with
+    ``seed=None`` a seed is drawn from torch's default generator (only when dropout is active).
+
+    dtypes: x, weight and bias must share a dtype (TypeError otherwise). LoRA factors of another
+    floating dtype (e.g. fp32 adapters on a bf16 model) are cast to x's dtype for the fused
+    compute; their gradients come back in their own dtype through that cast.
+    """
+    _check_inputs(x, weight, lora_A, lora_B, bias, scale)
+    _check_p(dropout_p)
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0:
+        seed = draw_seed() if seed is None else seed
+        _check_seed(seed)
+    else:
+        seed = 0
+
+    device = x.device
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+        bias = None if bias is None else bias.to(dtype)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"x dtype {x.dtype} != weight dtype {weight.dtype}; cast one (autocast does this)")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} != x dtype {x.dtype}")
+    if lora_A.dtype != x.dtype:
+        lora_A = lora_A.to(x.dtype)
+    if lora_B.dtype != x.dtype:
+        lora_B = lora_B.to(x.dtype)
+
+    name = _resolve(backend, device)
+    if name == "reference":
+        mask = None
+        if p > 0.0:
+            K = x.shape[-1]
+            mask = backends.load("torch").dropout_mask(x.numel() // max(K, 1), K, p, seed, device).view(x.shape)
+        return reference.lora_linear_ref(x, weight, lora_A, lora_B, float(scale), bias, mask, p)
+    mod = backends.load(name)
+    with torch.autocast(device.type, enabled=False):
+        return LoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), p, seed, mod)
