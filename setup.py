@@ -41,7 +41,7 @@ def _extensions():
     if shutil.which(cxx) is None and shutil.which("g++") is None:
         _log("no C++ compiler found: skipping the extension")
         return [], {}
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # torch picks the C++ standard
     link_flags = ["-fopenmp"]
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     use_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None

@@ -1,0 +1,153 @@
+"""The seeded dropout generator: one bit-exact definition shared by every backend.
+
+The mask is never stored; forward and backward regenerate it from the seed, so the C++ ops
+(``csrc/philox_dropout.cpp``), the Triton kernels and the pure-PyTorch path below must
+produce the same bits:
+
+- The input is viewed as logical (M, K) row-major; element offset ``e = m*K + k`` (int64,
+  independent of memory strides). With ``row_offset``, the tensor's row 0 is logical row
+  ``row_offset``, i.e. ``e = (row_offset + m)*K + k``.
+- Philox4x32-10 (Random123), key ``k0 = seed & 0xFFFFFFFF``, ``k1 = (seed >> 32) & 0xFFFFFFFF``;
+  counter ``c = e >> 2`` as ``(c0 = low 32 bits, c1 = high 32 bits, c2 = 0, c3 = 0)``.
+  Round: ``hi0, lo0 = mulhilo32(0xD2511F53, c0)``; ``hi1, lo1 = mulhilo32(0xCD9E8D57, c2)``;
+  ``(c0, c1, c2, c3) = (hi1^c1^k0, lo1, hi0^c3^k1, lo0)``; then ``k0 += 0x9E3779B9``,
+  ``k1 += 0xBB67AE85`` (mod 2^32). 10 rounds. Output word ``e & 3`` of the 4 outputs is the
+  element's uint32 ``r``. (Triton: ``tl.randint4x(seed, e >> 2)`` with an int64 offset.)
+- Threshold ``t = int(p * 2**32)`` (exact for p in [0, 1)); kept iff ``r >= t``, so p == 0
+  keeps everything.
+- ``dropout(x) = where(keep, x * (1/(1-p)), 0)``: the factor ``1/(1-p)`` is computed in double,
+  rounded to the compute dtype (fp32 for float16/bfloat16/float32, fp64 for float64) and
+  multiplied in it; the product is rounded to x's dtype. Dropped elements are +0.
+- ``seed`` is a python int in [0, 2**63).
+
+Each function runs the C++ op when the extension is available and the tensor is on the CPU,
+else the pure-PyTorch path (any device); ``force_python=True`` selects the latter.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+from torch import Tensor
+
+from fastlora import _ext
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def threshold(p: float) -> int:
+    """Elements whose Philox word is ``>= threshold(p)`` are kept."""
+    return int(p * 2**32)
+
+
+def philox4x32(
+    c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int | Tensor, k1: int | Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32-10 on int64 tensors holding uint32 values (any device).
+
+    The 32x32-bit products wrap in int64, which keeps their low 64 bits exact: the masks
+    below recover both halves.
+    """
+    for _ in range(10):
+        p0, p1 = c0 * _M0, c2 * _M1
+        c0, c1, c2, c3 = ((p1 >> 32) & _U32) ^ c1 ^ k0, p1 & _U32, ((p0 >> 32) & _U32) ^ c3 ^ k1, p0 & _U32
+        k0, k1 = (k0 + _W0) & _U32, (k1 + _W1) & _U32
+    return c0, c1, c2, c3
+
+
+def _check(p: float, seed: int, row_offset: int) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"fastlora dropout: p must be in [0, 1), got {p}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"fastlora dropout: seed must be in [0, 2**63), got {seed}")
+    if row_offset < 0:
+        raise ValueError(f"fastlora dropout: row_offset must be >= 0, got {row_offset}")
+
+
+def _check_x(x: Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"fastlora dropout: x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"fastlora dropout: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+
+
+def _use_ext(device: torch.device, force_python: bool) -> bool:
+    return not force_python and device.type == "cpu" and _ext.available()
+
+
+def _keep_mask_torch(M: int, K: int, p: float, seed: int, row_offset: int, device: torch.device) -> Tensor:
+    e0, n = row_offset * K, M * K
+    c = torch.arange(e0 >> 2, (e0 + n + 3) >> 2, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(c)
+    words = philox4x32(c & _U32, c >> 32, zero, zero, seed & _U32, seed >> 32)
+    # Compare before interleaving: a bool per element instead of an int64.
+    t = threshold(p)
+    keep = torch.stack([w >= t for w in words], dim=1).view(-1)
+    return keep[e0 & 3 : (e0 & 3) + n].view(M, K)
+
+
+def _dropout_torch(x: Tensor, p: float, seed: int, row_offset: int) -> Tensor:
+    keep = _keep_mask_torch(x.shape[0], x.shape[1], p, seed, row_offset, x.device)
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = 1.0 / (1.0 - p)
+    if cdt == torch.float32:
+        # Round the factor to fp32 first: the product is then the same whether torch multiplies
+        # a python scalar in fp32 or in fp64.
+        scale = struct.unpack("f", struct.pack("f", scale))[0]
+    return torch.where(keep, (x.to(cdt) * scale).to(x.dtype), 0).contiguous()
+
+
+def keep_mask(
+    M: int,
+    K: int,
+    p: float,
+    seed: int,
+    device: torch.device | str = "cpu",
+    *,
+    row_offset: int = 0,
+    force_python: bool = False,
+) -> Tensor:
+    """The keep-mask (True = kept), bool (M, K) on ``device``, of logical rows
+    ``row_offset .. row_offset + M - 1``."""
+    _check(p, seed, row_offset)
+    if M < 0 or K < 0:
+        raise ValueError(f"fastlora dropout: negative shape ({M}, {K})")
+    device = torch.device(device)
+    if p == 0.0:
+        return torch.ones((M, K), dtype=torch.bool, device=device)
+    if _use_ext(device, force_python):
+        return torch.ops.fastlora.dropout_mask(M, K, p, seed, row_offset)
+    return _keep_mask_torch(M, K, p, seed, row_offset, device)
+
+
+def dropout(x: Tensor, p: float, seed: int, *, row_offset: int = 0, force_python: bool = False) -> Tensor:
+    """``where(keep, x * (1/(1-p)), 0)`` for ``x: (M, K)`` (any strides): contiguous, x's dtype.
+
+    With p == 0 it returns ``x.contiguous()``, which is x itself when x is contiguous: callers
+    must not mutate the result.
+    """
+    _check_x(x)
+    _check(p, seed, row_offset)
+    if p == 0.0:
+        return x.contiguous()
+    if _use_ext(x.device, force_python):
+        return torch.ops.fastlora.dropout(x, p, seed, row_offset)
+    return _dropout_torch(x, p, seed, row_offset)
+
+
+def dropout_(x: Tensor, p: float, seed: int, *, row_offset: int = 0, force_python: bool = False) -> Tensor:
+    """In-place :func:`dropout` of a contiguous ``x: (M, K)``; returns x."""
+    _check_x(x)
+    _check(p, seed, row_offset)
+    if not x.is_contiguous():
+        raise ValueError("fastlora dropout_: x must be contiguous")
+    if p == 0.0:
+        return x
+    if _use_ext(x.device, force_python):
+        torch.ops.fastlora.dropout_(x, p, seed, row_offset)
+        return x
+    return x.copy_(_dropout_torch(x, p, seed, row_offset))
