@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import _check_p, lora_linear
+from .variants import dora_linear
 
 
 class LoRALinear(nn.Module):
@@ -33,6 +34,10 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        lora_fa: bool = False,
+        dynamic_rank: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features), ("r", r)):
@@ -45,9 +50,14 @@ class LoRALinear(nn.Module):
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory), requires_grad=not lora_fa)
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        self.lora_fa, self.dynamic_rank, self.use_dora = lora_fa, dynamic_rank, use_dora
+        self.active_rank: int | None = None  # DyLoRA: fixed runtime rank (None: sample in training)
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, **factory)) if use_dora else None
         self.merged = False
+        self._dora_merge_norm: Tensor | None = None
+        self._sqnorm_cache: tuple[int, int, Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -58,9 +68,13 @@ class LoRALinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
         self.reset_lora_parameters()
 
+    @torch.no_grad()
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.lora_magnitude_vector is not None:
+            # PEFT: the magnitude starts as ||W + s B A||_row, i.e. ||W||_row since B = 0
+            self.lora_magnitude_vector.copy_(torch.linalg.norm(self.weight.float(), dim=1).to(self.weight.dtype))
 
     @classmethod
     def from_linear(
@@ -70,8 +84,11 @@ class LoRALinear(nn.Module):
         lora_alpha: float = 8,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
+        **options,
     ) -> LoRALinear:
-        """Wrap an existing ``nn.Linear``: its weight and bias are reused (not copied) and frozen."""
+        """Wrap an existing ``nn.Linear``: its weight and bias are reused (not copied) and frozen.
+        ``options``: the constructor's keyword-only options (``lora_fa``, ``dynamic_rank``,
+        ``use_dora``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
@@ -84,43 +101,76 @@ class LoRALinear(nn.Module):
                 lora_dropout,
                 bias=linear.bias is not None,
                 use_rslora=use_rslora,
+                **options,
             )
         layer.weight = linear.weight
         layer.weight.requires_grad_(False)
         if linear.bias is not None:
             layer.bias = linear.bias
             layer.bias.requires_grad_(False)
-        layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
-        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=w.dtype))
+        factory = {"device": w.device, "dtype": w.dtype}
+        layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, **factory), requires_grad=not layer.lora_fa)
+        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, **factory))
+        if layer.use_dora:
+            layer.lora_magnitude_vector = nn.Parameter(torch.empty(linear.out_features, **factory))
         layer.reset_lora_parameters()
         layer.train(linear.training)
         return layer
 
+    def runtime_rank(self) -> int:
+        """The rank this forward uses: ``r``, or for DyLoRA ``active_rank`` when set, else a
+        uniform sample from [1, r] in training (torch's RNG, so checkpoint recomputation and
+        ``torch.manual_seed`` reproduce it) and ``r`` in eval."""
+        if not self.dynamic_rank:
+            return self.r
+        if self.active_rank is not None:
+            if not 1 <= self.active_rank <= self.r:
+                raise ValueError(f"active_rank must be in [1, {self.r}], got {self.active_rank}")
+            return self.active_rank
+        return int(torch.randint(1, self.r + 1, ()).item()) if self.training else self.r
+
+    def scale_for(self, b: int) -> float:
+        return self.lora_alpha / math.sqrt(b) if self.use_rslora else self.lora_alpha / b
+
+    def _weight_sqnorm(self) -> Tensor:
+        """``||W_i||^2`` (N,), cached while W is unchanged (tracked by its version counter)."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._sqnorm_cache is None or self._sqnorm_cache[:2] != key:
+            acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+            self._sqnorm_cache = (*key, self.weight.detach().to(acc).square().sum(1))
+        return self._sqnorm_cache[2]
+
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
-        return lora_linear(
-            x,
-            self.weight,
-            self.lora_A,
-            self.lora_B,
-            scale=self.scaling,
-            bias=self.bias,
-            dropout_p=self.lora_dropout,
-            training=self.training,
-        )
+        b = self.runtime_rank()
+        # DyLoRA slices are views: A[:b] is contiguous, B[:, :b] strided; no copies
+        A, B = (self.lora_A, self.lora_B) if b == self.r else (self.lora_A[:b], self.lora_B[:, :b])
+        kw = dict(scale=self.scale_for(b), bias=self.bias, dropout_p=self.lora_dropout, training=self.training)
+        if self.use_dora:
+            return dora_linear(
+                x, self.weight, A, B, self.lora_magnitude_vector, weight_sqnorm=self._weight_sqnorm(), **kw
+            )
+        return lora_linear(x, self.weight, A, B, **kw)
 
     def delta_weight(self) -> Tensor:
-        """``scaling * B @ A`` (out, in), computed in float32 (or float64) and cast to W's dtype."""
+        """``scaling * B @ A`` (out, in) at the runtime rank, in float32 (float64 for fp64 W)."""
         acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        return (self.lora_B.to(acc) @ self.lora_A.to(acc)).mul_(self.scaling)
+        b = self.r if not self.dynamic_rank or self.active_rank is None else self.active_rank
+        return (self.lora_B[:, :b].to(acc) @ self.lora_A[:b].to(acc)).mul_(self.scale_for(b))
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into ``weight`` so that forward is a plain linear (inference)."""
+        """Fold the adapter into ``weight`` so that forward is a plain linear (inference).
+        DoRA: ``W <- (m / ||W + dW||_row) * (W + dW)``, as PEFT."""
         if self.merged:
             return
-        self.weight.copy_((self.weight.to(self.delta_weight().dtype) + self.delta_weight()).to(self.weight.dtype))
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        w = self.weight.to(acc) + self.delta_weight()
+        if self.use_dora:
+            self._dora_merge_norm = torch.linalg.norm(w, dim=1)
+            w = w * (self.lora_magnitude_vector.to(acc) / self._dora_merge_norm).unsqueeze(1)
+        self.weight.copy_(w.to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -128,8 +178,12 @@ class LoRALinear(nn.Module):
         """Undo :meth:`merge` (exact up to the rounding of W's dtype)."""
         if not self.merged:
             return
-        d = self.delta_weight()
-        self.weight.copy_((self.weight.to(d.dtype) - d).to(self.weight.dtype))
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        w = self.weight.to(acc)
+        if self.use_dora:
+            w = w / (self.lora_magnitude_vector.to(acc) / self._dora_merge_norm).unsqueeze(1)
+            self._dora_merge_norm = None
+        self.weight.copy_((w - self.delta_weight()).to(self.weight.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -137,6 +191,7 @@ class LoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
             f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, merged={self.merged}"
+            + "".join(f", {k}=True" for k in ("lora_fa", "dynamic_rank", "use_dora") if getattr(self, k))
         )
 
 
@@ -153,13 +208,15 @@ def inject(
     lora_alpha: float = 8,
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
+    **options,
 ) -> nn.Module:
     """Replace matching ``nn.Linear`` modules of ``model`` with :class:`LoRALinear`, in place, and
     freeze every other parameter. Returns ``model``.
 
     ``target_modules``: a list of module names matched exactly or as a dotted suffix
     (``["q_proj", "v_proj"]``), or a regex string matched against the full name, as in PEFT.
-    Raises ValueError when nothing matches.
+    ``options``: the same keyword options as :class:`LoRALinear` (``lora_fa``, ``dynamic_rank``,
+    ``use_dora``). Raises ValueError when nothing matches.
     """
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
@@ -182,7 +239,11 @@ def inject(
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear.from_linear(getattr(parent, child), r, lora_alpha, lora_dropout, use_rslora))
+        setattr(
+            parent,
+            child,
+            LoRALinear.from_linear(getattr(parent, child), r, lora_alpha, lora_dropout, use_rslora, **options),
+        )
     return model
 
 

@@ -7,6 +7,8 @@ random number generator.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -59,3 +61,52 @@ def lora_grads_ref(
     dA = dz.T @ xd  # dA = dz^T xd
     dx = g @ weight + (dz @ lora_A) * m  # dx = g W + mask * (dz A) / (1 - p)
     return dx, dA, dB, g.sum(0)
+
+
+def rslora_scale(lora_alpha: float, r: int) -> float:
+    """rsLoRA: ``alpha / sqrt(r)`` instead of ``alpha / r``."""
+    return lora_alpha / math.sqrt(r)
+
+
+def dylora_ref(
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, lora_alpha: float, b: int, bias=None
+) -> Tensor:
+    """DyLoRA at runtime rank ``b <= r``: the first b rows of A and columns of B, scale alpha/b."""
+    return lora_linear_ref(x, weight, lora_A[:b], lora_B[:, :b], lora_alpha / b, bias)
+
+
+def dora_weight_norm_ref(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+    """``||W + scale * B A||`` per output row (N,), materialising the N x K matrix as PEFT does."""
+    return torch.linalg.norm(weight + scale * (lora_B @ lora_A), dim=1)
+
+
+def dora_ref(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    scale: float,
+    bias: Tensor | None = None,
+    keep_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """DoRA in PEFT's semantics. ``g = magnitude / ||W + s B A||_row`` with the norm detached;
+    without dropout ``y = g * (x W^T + s z B^T) + bias``; with dropout (xd = dropout(x))
+    ``y = x W^T + bias + (g - 1) * (xd W^T) + g * s * (xd A^T) B^T``. magnitude: (N,)."""
+    g = magnitude / dora_weight_norm_ref(weight, lora_A, lora_B, scale).detach()
+    base = x @ weight.T
+    if keep_mask is None:
+        y = g * (base + scale * (x @ lora_A.T) @ lora_B.T)
+    else:
+        xd = x * keep_mask.to(x.dtype) * (1.0 / (1.0 - dropout_p))
+        y = base + (g - 1) * (xd @ weight.T) + g * scale * ((xd @ lora_A.T) @ lora_B.T)
+    return y if bias is None else y + bias
+
+
+def lorafa_project_ref(grad_B: Tensor, lora_A: Tensor, scale: float, delta: float = 1e-8) -> Tensor:
+    """LoRA-FA's projected B gradient (PEFT's LoraFAOptimizer):
+    ``grad_B @ pinv(A A^T + delta I) / scale^2``."""
+    AAt = lora_A @ lora_A.T
+    eye = torch.eye(AAt.shape[0], dtype=AAt.dtype, device=AAt.device)
+    return grad_B @ torch.linalg.pinv(AAt + delta * eye) / scale**2
