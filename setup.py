@@ -83,7 +83,7 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "peft", "transformers", "safetensors"],
+        "test": ["pytest", "pytest-benchmark", "peft", "transformers", "safetensors", "bitsandbytes"],
         "bench": ["matplotlib", "tqdm", "peft"],
     },
     ext_modules=ext_modules,
