@@ -7,11 +7,15 @@ optional piece (triton, the C++ extension): the ``torch`` backend always works.
 
 from .functional import available_backends, dropout_mask, get_backend, lora_linear, set_backend
 from .nn import LoRALinear, inject, lora_layers, merge, print_trainable_parameters, unmerge
+from .quant import Int8Weight, NF4Weight, quantize
 from .variants import LoRAFAOptimizer, dora_linear, lorafa_project_grads_, loraplus_param_groups
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Int8Weight",
+    "NF4Weight",
+    "quantize",
     "LoRAFAOptimizer",
     "LoRALinear",
     "dora_linear",

@@ -16,8 +16,9 @@ from torch import Tensor
 class LoRAFunction(torch.autograd.Function):
     """``y = x W^T + bias + scale * (dropout(x) A^T) B^T`` with a seeded, regenerated mask.
 
-    x: (..., K); weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r);
-    all of one dtype and device (fastlora.functional checks). Returns (..., N).
+    x: (..., K); weight: (N, K) tensor or a fastlora.quant weight; bias: (N,) or None;
+    lora_A: (r, K); lora_B: (N, r); all of one dtype and device (fastlora.functional checks).
+    Returns (..., N).
     """
 
     @staticmethod
@@ -34,12 +35,17 @@ class LoRAFunction(torch.autograd.Function):
         backend: ModuleType,
     ) -> Tensor:
         lead = x.shape[:-1]
-        y, z = backend.forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, p, seed)
+        # A quantized base is dequantized into a transient buffer here and again in backward;
+        # no dequantized copy outlives the call.
+        quant = None if isinstance(weight, Tensor) else weight
+        W = weight if quant is None else quant.dequantize(x.dtype)
+        y, z = backend.forward(x.reshape(-1, x.shape[-1]), W, bias, lora_A, lora_B, scale, p, seed)
+        del W
         need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
         need_z = ctx.needs_input_grad[4]
         # x is saved as the caller's tensor (not a reshaped copy) so its storage stays shared.
-        ctx.save_for_backward(x if need_x else None, z if need_z else None, weight, lora_A, lora_B)
-        ctx.x_shape = x.shape
+        ctx.save_for_backward(x if need_x else None, z if need_z else None, None if quant else weight, lora_A, lora_B)
+        ctx.quant, ctx.x_shape = quant, x.shape
         ctx.scale, ctx.p, ctx.seed, ctx.backend = scale, p, seed, backend
         return y.view(*lead, weight.shape[0])
 
@@ -51,6 +57,8 @@ class LoRAFunction(torch.autograd.Function):
         if not any(needs):
             return (None,) * 9
         g = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.quant is not None:
+            weight = ctx.quant.dequantize(g.dtype)
         x2 = None if x is None else x.reshape(-1, x.shape[-1])
         dx, dW, db, dA, dB = ctx.backend.backward(g, x2, z, weight, lora_A, lora_B, ctx.scale, ctx.p, ctx.seed, needs)
         if dx is not None:

@@ -9,6 +9,9 @@ from torch import Tensor
 
 from . import backends, reference
 from .autograd import LoRAFunction
+from .quant import Int8Weight, NF4Weight
+
+QUANTIZED = (NF4Weight, Int8Weight)
 
 _BACKEND_NAMES = ("auto", "torch", "reference", "triton", "cuda")
 _backend = "auto"
@@ -41,12 +44,12 @@ def _check_backend_name(name: str) -> None:
         raise ValueError(f"backend {name!r} is not available in this install; available: {available_backends()}")
 
 
-def _resolve(name: str | None, device: torch.device) -> str:
+def _resolve(name: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Map a requested backend name to a concrete one for tensors on ``device``."""
     name = _backend if name is None else name
     _check_backend_name(name)
     if name == "auto":
-        if device.type == "cuda":
+        if device.type == "cuda" and dtype != torch.float64:  # the kernels take fp32/fp16/bf16
             if backends.usable("triton", device):
                 return "triton"
             backends._warn_once("auto-cuda", "fastlora: triton unavailable for CUDA tensors; using the 'torch' backend")
@@ -97,7 +100,8 @@ def _check_inputs(x, weight, lora_A, lora_B, bias, scale) -> None:
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., K)")
-    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+    named = (("lora_A", lora_A), ("lora_B", lora_B))
+    for name, t in named if isinstance(weight, QUANTIZED) else (("weight", weight), *named):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
         if t.dim() != 2:
@@ -152,8 +156,9 @@ def lora_linear(
 ) -> Tensor:
     """Fused LoRA linear: ``y = x W^T + bias + scale * (dropout(x) A^T) B^T``.
 
-    x: (..., K); weight: (N, K); lora_A: (r, K); lora_B: (N, r); bias: (N,) or None.
-    Returns (..., N) in x's dtype (the autocast dtype under autocast).
+    x: (..., K); weight: (N, K), a tensor or a quantized ``fastlora.quant`` weight (NF4/int8,
+    dequantized to x's dtype inside the op, never kept); lora_A: (r, K); lora_B: (N, r);
+    bias: (N,) or None. Returns (..., N) in x's dtype (the autocast dtype under autocast).
 
     Dropout (on the LoRA branch input only, as PEFT) applies when ``training`` and
     ``dropout_p > 0``. Its mask is regenerated from ``seed`` in backward, never stored; with
@@ -175,9 +180,10 @@ def lora_linear(
     device = x.device
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
-        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+        x, lora_A, lora_B = (t.to(dtype) for t in (x, lora_A, lora_B))
+        weight = weight if isinstance(weight, QUANTIZED) else weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    if weight.dtype != x.dtype:
+    if not isinstance(weight, QUANTIZED) and weight.dtype != x.dtype:
         raise TypeError(f"x dtype {x.dtype} != weight dtype {weight.dtype}; cast one (autocast does this)")
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"bias dtype {bias.dtype} != x dtype {x.dtype}")
@@ -186,12 +192,14 @@ def lora_linear(
     if lora_B.dtype != x.dtype:
         lora_B = lora_B.to(x.dtype)
 
-    name = _resolve(backend, device)
+    name = _resolve(backend, device, x.dtype)
     if name == "reference":
         mask = None
         if p > 0.0:
             K = x.shape[-1]
             mask = backends.load("torch").dropout_mask(x.numel() // max(K, 1), K, p, seed, device).view(x.shape)
+        if isinstance(weight, QUANTIZED):
+            weight = weight.dequantize(x.dtype)
         return reference.lora_linear_ref(x, weight, lora_A, lora_B, float(scale), bias, mask, p)
     mod = backends.load(name)
     with torch.autocast(device.type, enabled=False):

@@ -9,7 +9,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .functional import _check_p, lora_linear
+from .functional import QUANTIZED, _check_p, lora_linear
+from .quant import NF4Weight, quantize
 from .variants import dora_linear
 
 
@@ -21,6 +22,16 @@ class LoRALinear(nn.Module):
     ``weight`` (out, in) and ``bias`` (out,) frozen, ``lora_A`` (r, in) and ``lora_B`` (out, r)
     trainable. Initialised as PEFT: A Kaiming-uniform (a=sqrt(5)), B zeros, so a fresh layer
     equals its base.
+
+    Keyword-only options (the same for ``from_linear`` and ``inject``):
+
+    - ``lora_fa``: LoRA-FA, A frozen at init; backward keeps only z (M x r), never x.
+    - ``dynamic_rank``: DyLoRA, a runtime rank b in [1, r] per training step (``active_rank``
+      fixes it), with A[:b], B[:, :b] and scale alpha/b.
+    - ``use_dora``: DoRA with a trainable ``lora_magnitude_vector`` (out,), PEFT's init.
+    - ``quant``: ``"nf4"`` or ``"int8"`` base weight (``blocksize``, ``double_quant`` for NF4).
+      ``weight`` is then a ``fastlora.quant`` object (dequantized inside each call, never kept)
+      and the state dict carries bitsandbytes' Linear4bit / Linear8bitLt keys for it.
     """
 
     def __init__(
@@ -38,43 +49,56 @@ class LoRALinear(nn.Module):
         lora_fa: bool = False,
         dynamic_rank: bool = False,
         use_dora: bool = False,
+        quant: str | None = None,
+        blocksize: int = 64,
+        double_quant: bool = True,
     ) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features), ("r", r)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         _check_p(lora_dropout)
+        if quant not in (None, "nf4", "int8"):
+            raise ValueError(f"quant must be None, 'nf4' or 'int8', got {quant!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, float(lora_dropout), use_rslora
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_fa, self.dynamic_rank, self.use_dora = lora_fa, dynamic_rank, use_dora
+        self.quant, self.blocksize, self.double_quant = quant, blocksize, double_quant
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory), requires_grad=not lora_fa)
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
-        self.lora_fa, self.dynamic_rank, self.use_dora = lora_fa, dynamic_rank, use_dora
         self.active_rank: int | None = None  # DyLoRA: fixed runtime rank (None: sample in training)
-        self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, **factory)) if use_dora else None
         self.merged = False
         self._dora_merge_norm: Tensor | None = None
-        self._sqnorm_cache: tuple[int, int, Tensor] | None = None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Base as nn.Linear; adapters as PEFT (A Kaiming-uniform, B zeros)."""
+        self._sqnorm_cache: tuple[tuple, Tensor] | None = None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
+            bound = 1 / math.sqrt(in_features)
             nn.init.uniform_(self.bias, -bound, bound)
-        self.reset_lora_parameters()
+        self._init_adapter(self.weight)
+
+    def _init_adapter(self, weight: Tensor) -> None:
+        """Create the adapter parameters next to a float ``weight`` (N, K) and quantize the base if
+        asked. DoRA's magnitude starts as the row norm of the base the layer computes with."""
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory), requires_grad=not self.lora_fa)
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **factory))
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, **factory)) if self.use_dora else None
+        if self.quant is not None and weight.device.type != "meta":
+            del self.weight
+            self.weight = quantize(weight.detach(), self.quant, self.blocksize, self.double_quant)
+            weight = None  # DoRA's magnitude then starts from the dequantized base, as PEFT on bnb
+        self.reset_lora_parameters(weight)
 
     @torch.no_grad()
-    def reset_lora_parameters(self) -> None:
+    def reset_lora_parameters(self, weight: Tensor | None = None) -> None:
+        """A Kaiming-uniform (a=sqrt(5)), B zeros; DoRA magnitude ||W + s B A||_row = ||W||_row."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
         if self.lora_magnitude_vector is not None:
-            # PEFT: the magnitude starts as ||W + s B A||_row, i.e. ||W||_row since B = 0
-            self.lora_magnitude_vector.copy_(torch.linalg.norm(self.weight.float(), dim=1).to(self.weight.dtype))
+            w = self.dense_weight() if weight is None else weight
+            self.lora_magnitude_vector.copy_(torch.linalg.norm(w.float(), dim=1).to(self.lora_magnitude_vector.dtype))
 
     @classmethod
     def from_linear(
@@ -86,12 +110,11 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         **options,
     ) -> LoRALinear:
-        """Wrap an existing ``nn.Linear``: its weight and bias are reused (not copied) and frozen.
-        ``options``: the constructor's keyword-only options (``lora_fa``, ``dynamic_rank``,
-        ``use_dora``)."""
+        """Wrap an existing ``nn.Linear``: its weight and bias are reused (not copied) and frozen;
+        with ``quant=`` the weight is quantized instead. ``options``: the constructor's
+        keyword-only options."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
         with torch.device("meta"):
             layer = cls(
                 linear.in_features,
@@ -108,14 +131,19 @@ class LoRALinear(nn.Module):
         if linear.bias is not None:
             layer.bias = linear.bias
             layer.bias.requires_grad_(False)
-        factory = {"device": w.device, "dtype": w.dtype}
-        layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, **factory), requires_grad=not layer.lora_fa)
-        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, **factory))
-        if layer.use_dora:
-            layer.lora_magnitude_vector = nn.Parameter(torch.empty(linear.out_features, **factory))
-        layer.reset_lora_parameters()
+        layer._init_adapter(linear.weight)
         layer.train(linear.training)
         return layer
+
+    @property
+    def is_quantized(self) -> bool:
+        return isinstance(self.weight, QUANTIZED)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The base weight as a dense (out, in) tensor (a transient dequantized copy if quantized)."""
+        if self.is_quantized:
+            return self.weight.dequantize(dtype or self.lora_A.dtype)
+        return self.weight if dtype is None else self.weight.to(dtype)
 
     def runtime_rank(self) -> int:
         """The rank this forward uses: ``r``, or for DyLoRA ``active_rank`` when set, else a
@@ -133,16 +161,17 @@ class LoRALinear(nn.Module):
         return self.lora_alpha / math.sqrt(b) if self.use_rslora else self.lora_alpha / b
 
     def _weight_sqnorm(self) -> Tensor:
-        """``||W_i||^2`` (N,), cached while W is unchanged (tracked by its version counter)."""
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self._sqnorm_cache is None or self._sqnorm_cache[:2] != key:
-            acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-            self._sqnorm_cache = (*key, self.weight.detach().to(acc).square().sum(1))
-        return self._sqnorm_cache[2]
+        """``||W_i||^2`` (N,), cached while W is unchanged (tracked by storage and version)."""
+        t = self.weight.packed if isinstance(self.weight, NF4Weight) else getattr(self.weight, "CB", self.weight)
+        key = (t.data_ptr(), t._version, id(self.weight))
+        if self._sqnorm_cache is None or self._sqnorm_cache[0] != key:
+            acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
+            self._sqnorm_cache = (key, self.dense_weight().detach().to(acc).square().sum(1))
+        return self._sqnorm_cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, self.dense_weight(x.dtype), self.bias)
         b = self.runtime_rank()
         # DyLoRA slices are views: A[:b] is contiguous, B[:, :b] strided; no copies
         A, B = (self.lora_A, self.lora_B) if b == self.r else (self.lora_A[:b], self.lora_B[:, :b])
@@ -154,44 +183,91 @@ class LoRALinear(nn.Module):
         return lora_linear(x, self.weight, A, B, **kw)
 
     def delta_weight(self) -> Tensor:
-        """``scaling * B @ A`` (out, in) at the runtime rank, in float32 (float64 for fp64 W)."""
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        """``scaling * B @ A`` (out, in) at the runtime rank, in float32 (float64 for fp64 A)."""
+        acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
         b = self.r if not self.dynamic_rank or self.active_rank is None else self.active_rank
         return (self.lora_B[:, :b].to(acc) @ self.lora_A[:b].to(acc)).mul_(self.scale_for(b))
 
     @torch.no_grad()
+    def _set_base(self, w: Tensor) -> None:
+        """Write a new dense base (fp32/fp64) back: in place, or requantized (lossy, as PEFT+bnb)."""
+        if self.is_quantized:
+            self.weight = quantize(w.to(self.weight.dtype), self.quant, self.blocksize, self.double_quant)
+        else:
+            self.weight.copy_(w.to(self.weight.dtype))
+
+    @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into ``weight`` so that forward is a plain linear (inference).
-        DoRA: ``W <- (m / ||W + dW||_row) * (W + dW)``, as PEFT."""
+        DoRA: ``W <- (m / ||W + dW||_row) * (W + dW)``, as PEFT. A quantized base is requantized,
+        which rounds (as PEFT does with bitsandbytes)."""
         if self.merged:
             return
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        w = self.weight.to(acc) + self.delta_weight()
+        d = self.delta_weight()
+        w = self.dense_weight(d.dtype) + d
         if self.use_dora:
             self._dora_merge_norm = torch.linalg.norm(w, dim=1)
-            w = w * (self.lora_magnitude_vector.to(acc) / self._dora_merge_norm).unsqueeze(1)
-        self.weight.copy_(w.to(self.weight.dtype))
+            w = w * (self.lora_magnitude_vector.to(d.dtype) / self._dora_merge_norm).unsqueeze(1)
+        self._set_base(w)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge` (exact up to the rounding of W's dtype)."""
+        """Undo :meth:`merge` (exact up to the rounding of W's dtype or quantization)."""
         if not self.merged:
             return
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        w = self.weight.to(acc)
+        d = self.delta_weight()
+        w = self.dense_weight(d.dtype)
         if self.use_dora:
-            w = w / (self.lora_magnitude_vector.to(acc) / self._dora_merge_norm).unsqueeze(1)
+            w = w / (self.lora_magnitude_vector.to(d.dtype) / self._dora_merge_norm).unsqueeze(1)
             self._dora_merge_norm = None
-        self.weight.copy_((w - self.delta_weight()).to(self.weight.dtype))
+        self._set_base(w - d)
         self.merged = False
 
+    # ---- quantized base: state dict and device moves ------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.is_quantized:  # bitsandbytes' keys and bytes for the base weight
+            destination.update(self.weight.state_dict_entries(prefix))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        if self.is_quantized:
+            own = {k: v for k, v in state_dict.items() if k == prefix + "weight" or k.startswith(prefix + "weight.")}
+            if own:
+                # validated by from_state_dict; a damaged entry raises before anything changes
+                q = type(self.weight).from_state_dict(own, prefix)
+                if tuple(q.shape) != (self.out_features, self.in_features):
+                    raise ValueError(
+                        f"{prefix}weight: shape {tuple(q.shape)} != ({self.out_features}, {self.in_features})"
+                    )
+                self.weight = q.to(self.lora_A.device)
+                self._sqnorm_cache = None
+            elif strict:
+                missing_keys.append(prefix + "weight")
+            state_dict = {k: v for k, v in state_dict.items() if k not in own}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.is_quantized:  # follow device moves; the packed format never changes dtype
+            device = fn(torch.empty(0, device=self.weight.device)).device
+            if device != self.weight.device:
+                self.weight = self.weight.to(device)
+        return out
+
     def extra_repr(self) -> str:
+        opts = "".join(f", {k}=True" for k in ("lora_fa", "dynamic_rank", "use_dora") if getattr(self, k))
+        if self.quant:
+            opts += f", quant={self.quant!r}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
-            f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, merged={self.merged}"
-            + "".join(f", {k}=True" for k in ("lora_fa", "dynamic_rank", "use_dora") if getattr(self, k))
+            f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, merged={self.merged}{opts}"
         )
 
 

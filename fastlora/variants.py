@@ -70,8 +70,8 @@ def dora_linear(
 ) -> Tensor:
     """DoRA (PEFT semantics, DESIGN.md section 6) on top of the fused LoRA op.
 
-    x: (..., K); weight: (N, K); lora_A: (r, K); lora_B: (N, r); magnitude: (N,).
-    ``g = magnitude / ||W + s B A||_row`` (norm detached, computed low-rank). Without dropout:
+    x: (..., K); weight: (N, K) tensor or fastlora.quant weight; lora_A: (r, K); lora_B: (N, r);
+    magnitude: (N,). ``g = magnitude / ||W + s B A||_row`` (norm detached, computed low-rank). Without dropout:
     ``y = g * (x W^T + s (x A^T) B^T) + bias`` (one fused GEMM, then a per-column scale).
     With dropout (PEFT's formula): ``y = x W^T + bias + (g - 1) * (xd W^T) + g * s * (xd A^T) B^T``.
     """
@@ -80,7 +80,10 @@ def dora_linear(
         raise ValueError(
             f"magnitude shape {tuple(magnitude.shape)} must be ({weight.shape[0]},) for weight {tuple(weight.shape)}"
         )
-    norm = dora_weight_norm(weight, lora_A, lora_B, scale, weight_sqnorm)
+    # a quantized base is dequantized transiently for the norm; the fused op dequantizes its own
+    # copy, so none is kept for backward
+    dense = weight if isinstance(weight, Tensor) else weight.dequantize(x.dtype)
+    norm = dora_weight_norm(dense, lora_A, lora_B, scale, weight_sqnorm)
     g = (magnitude / norm.to(magnitude.dtype)).to(x.dtype)
     p = float(dropout_p) if training else 0.0
     if p == 0.0:
@@ -89,8 +92,10 @@ def dora_linear(
     seed = draw_seed() if seed is None else seed
     _check_seed(seed)
     xd = _Dropout.apply(x, p, seed)
-    # PEFT: base(x) + (g - 1) * (xd W^T) + g * s * (xd A^T) B^T = base(x) + g * lora(xd) - xd W^T
-    y = nn.functional.linear(x, weight, bias) - nn.functional.linear(xd, weight)
+    # PEFT: x W^T + b + (g - 1) * (xd W^T) + g * s * (xd A^T) B^T = (x - xd) W^T + b + g * lora(xd).
+    # The first term goes through the fused op with a zero-scaled, detached adapter, so it keeps no
+    # activation and re-dequantizes a quantized W in backward instead of saving it.
+    y = lora_linear(x - xd, weight, lora_A.detach(), lora_B.detach(), scale=0.0, bias=bias, backend=backend)
     return y + g * lora_linear(xd, weight, lora_A, lora_B, scale=scale, backend=backend)
 
 
