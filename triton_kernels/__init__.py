@@ -1,0 +1,15 @@
+"""Triton kernels of fastlora (installed as ``fastlora.triton_kernels``): @triton.jit kernels
+and their launch helpers only; the autograd Function and the op registration live in
+``fastlora``. Every launcher accepts strided 2-D inputs, allocates its outputs and returns them.
+
+Forward:  :func:`lora_forward` (F1 shrink + F2 base GEMM with a rank-r tail).
+Backward: :func:`lora_bwd_dz_dB` (B1), :func:`lora_bwd_dx` (B2), :func:`lora_bwd_dA` (B3).
+Dropout:  :func:`keep_mask`, the same bits the kernels regenerate.
+"""
+
+from . import common
+from .lora_bwd import lora_bwd_dA, lora_bwd_dx, lora_bwd_dz_dB
+from .lora_fwd import lora_forward, lora_shrink
+from .philox import keep_mask
+
+__all__ = ["common", "keep_mask", "lora_bwd_dA", "lora_bwd_dx", "lora_bwd_dz_dB", "lora_forward", "lora_shrink"]

@@ -1,0 +1,113 @@
+"""Shared pieces of the LoRA kernels: the dot wrapper, host-side argument packing, tuning
+configs and the output allocator."""
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, like triton itself does: the variable must be set before triton is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Test hook: when True every buffer a launcher allocates starts as NaN (or True for masks), so
+# a kernel that skips a tile leaves a visible hole instead of stale memory.
+POISON = False
+
+
+def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output or partial-sum buffer; uninitialised, or poisoned under ``POISON``."""
+    if POISON:
+        return torch.full(shape, True if dtype == torch.bool else float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtype(t: torch.Tensor) -> None:
+    """The kernels keep fp32 accumulators, which tl.dot on float64 operands does not accept
+    (the ``torch`` and ``reference`` backends cover float64)."""
+    if t.dtype not in DTYPES:
+        raise TypeError(f"fastlora triton kernels support float32, float16 and bfloat16, got {t.dtype}")
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``acc + a @ b`` accumulated in fp32.
+
+    UPCAST: the interpreter multiplies the raw uint16 bit patterns of bf16 operands (triton
+    issue 11584), so when interpreting the operands are widened to fp32 first; compiled
+    kernels keep the bf16/fp16 tensor-core path. IEEE: full fp32 products for fp32 inputs
+    (matching torch's default matmul precision) instead of TF32.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """Constexprs of :func:`mma` for operands of ``dtype``."""
+    return {
+        "UPCAST": INTERPRET and dtype == torch.bfloat16,
+        "IEEE": dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
+def rank_pad(r: int) -> int:
+    """The rank padded to a power of two of at least 16, the smallest tl.dot dimension;
+    A, B, z and dz are never copied into padded buffers, loads mask the padding."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def m_bucket(M: int) -> int:
+    """Autotune key for the token count: batches of varying length share a tuning."""
+    return min(triton.next_power_of_2(max(M, 1)), 8192)
+
+
+def as_int32_bits(v: int) -> int:
+    """A uint32 passed as the int32 with the same bits, so its triton type is always i32 (an
+    unsigned value >= 2**31 would otherwise compile a second u32 variant)."""
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+def dropout_args(p: float, seed: int) -> dict:
+    """Kernel arguments of the seeded dropout (bit-exact definition: fastlora/_philox.py).
+
+    The Philox key is (seed & 0xFFFFFFFF, seed >> 32); kept iff word >= int(p * 2**32); the
+    kept value is scaled by 1 / (1 - p), computed in double here and applied in fp32.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"dropout seed must be in [0, 2**63), got {seed}")
+    return {
+        "seed_lo": as_int32_bits(seed & 0xFFFFFFFF),
+        "seed_hi": as_int32_bits(seed >> 32),
+        "thresh": as_int32_bits(int(p * 2**32)),
+        "keep_scale": 1.0 / (1.0 - p),
+        "HAS_DROPOUT": p > 0.0,
+    }
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small constant when interpreting), used to
+    size split reductions so that the grid fills the GPU."""
+    if device.type != "cuda" or INTERPRET:
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def configs(gpu: list[triton.Config], interpret: triton.Config) -> list[triton.Config]:
+    """The autotune space: one small config under the interpreter (tuning there is slow and
+    meaningless), the GPU list otherwise."""
+    return [interpret] if INTERPRET else gpu
+
+
+def cfg(num_warps: int = 4, num_stages: int = 3, **blocks: int) -> triton.Config:
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)

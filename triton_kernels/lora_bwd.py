@@ -1,0 +1,320 @@
+"""Backward kernels (DESIGN.md section 3, B1 to B3), given g = dL/dy (M, N).
+
+B1 ``_lora_bwd_dz_dB_kernel``: dz = s g B and dB = s g^T z in one read of g.
+B2 ``_lora_bwd_dx_kernel``:    dx = g W + keep * (dz A) / (1 - p), a GEMM over N with a rank-r
+                               tail, the mask regenerated for the tail.
+B3 ``_lora_bwd_dA_kernel``:    dA = dz^T dropout(x), the mask regenerated.
+
+Cross-program reductions go through fp32 partial buffers summed by torch afterwards, never
+atomics, so gradients are bitwise reproducible.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .common import (
+    INTERPRET,
+    cfg,
+    check_dtype,
+    configs,
+    dot_flags,
+    dropout_args,
+    m_bucket,
+    mma,
+    new_buffer,
+    rank_pad,
+    sm_count,
+)
+from .lora_fwd import _GEMM_CONFIGS, _prune_m, grouped_tile
+from .philox import keep_tile
+
+_DROPOUT = ["seed_lo", "seed_hi", "thresh"]
+
+# B2 reduces over N and tiles K: F2's configs with the roles of BLOCK_N and BLOCK_K swapped, so
+# the pipelined operand tiles stay the same size.
+_DX_CONFIGS = [
+    cfg(c.num_warps, c.num_stages, **{**c.kwargs, "BLOCK_N": c.kwargs["BLOCK_K"], "BLOCK_K": c.kwargs["BLOCK_N"]})
+    for c in _GEMM_CONFIGS
+]
+
+# B1's row tile is fixed on the host: it sets how many dB partial buffers exist.
+_B1_BLOCK_M = 16 if INTERPRET else 64
+
+
+@triton.autotune(
+    configs=configs(
+        [cfg(4, 3, BLOCK_N=64), cfg(4, 3, BLOCK_N=128), cfg(8, 3, BLOCK_N=128), cfg(8, 3, BLOCK_N=256)],
+        cfg(1, 1, BLOCK_N=32),
+    ),
+    key=["M_BUCKET", "N", "R_PAD", "NEED_DZ", "NEED_DB"],
+)
+@triton.jit
+def _lora_bwd_dz_dB_kernel(
+    g_ptr, b_ptr, z_ptr, dz_ptr, db_ptr,
+    M, N, R, M_BUCKET,
+    stride_gm, stride_gn, stride_bn, stride_br, stride_zm, stride_zr,
+    stride_dzs, stride_dzm, stride_dbs, stride_dbn,
+    scale,
+    NEED_DZ: tl.constexpr, NEED_DB: tl.constexpr, R_PAD: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Program (i, j) takes row tiles i, i + P, ... (P = grid dim 0) and the column chunks
+    j, j + S, ... of g (S = grid dim 1). dz partial j (S, M, R) is summed in registers over
+    its chunks; dB partial i (P, N, R) is summed over its row tiles in place: only this program
+    touches that slice, and a barrier orders one row tile's stores before the next one's loads.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    rs = tl.arange(0, R_PAD)
+    r_ok = rs < R
+    dbp_base = db_ptr + pid_m.to(tl.int64) * stride_dbs
+    for t in range(pid_m, num_m, tl.num_programs(0)):
+        rows = t * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_ok = rows < M
+        if NEED_DB:
+            z = tl.load(
+                z_ptr + rows[:, None] * stride_zm + rs[None, :] * stride_zr,
+                mask=m_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
+        dz = tl.zeros((BLOCK_M, R_PAD), tl.float32)
+        for n0 in range(pid_s * BLOCK_N, N, tl.num_programs(1) * BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            n_ok = cols < N
+            g = tl.load(
+                g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn,
+                mask=m_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            if NEED_DZ:
+                # dz = s g B
+                b = tl.load(
+                    b_ptr + cols[:, None] * stride_bn + rs[None, :] * stride_br,
+                    mask=n_ok[:, None] & r_ok[None, :],
+                    other=0.0,
+                )
+                dz = mma(g, b, dz, UPCAST, IEEE)
+            if NEED_DB:
+                # dB = s g^T z
+                db = mma(tl.trans(g), z, tl.zeros((BLOCK_N, R_PAD), tl.float32), UPCAST, IEEE) * scale
+                db_ptrs = dbp_base + cols[:, None] * stride_dbn + rs[None, :]
+                db_mask = n_ok[:, None] & r_ok[None, :]
+                if t != pid_m:
+                    db += tl.load(db_ptrs, mask=db_mask, other=0.0)
+                tl.store(db_ptrs, db, mask=db_mask)
+        if NEED_DZ:
+            dz_ptrs = dz_ptr + pid_s.to(tl.int64) * stride_dzs + rows[:, None] * stride_dzm + rs[None, :]
+            tl.store(dz_ptrs, dz * scale, mask=m_ok[:, None] & r_ok[None, :])
+        if NEED_DB:
+            tl.debug_barrier()
+
+
+@triton.autotune(
+    configs=_DX_CONFIGS,
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_m},
+)
+@triton.jit(do_not_specialize=_DROPOUT)
+def _lora_bwd_dx_kernel(
+    g_ptr, w_ptr, dz_ptr, a_ptr, dx_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_dzm, stride_dzr,
+    stride_ar, stride_ak, stride_dxm, stride_dxk,
+    seed_lo, seed_hi, thresh, keep_scale,
+    HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """dx (M, K) = g (M, N) @ W (N, K) + keep * (dz (M, R) @ A (R, K)) / (1 - p).
+
+    The tail runs first and is masked on its own, then the N loop accumulates on top, so one
+    fp32 accumulator holds dx. BLOCK_N is the reduction tile here, BLOCK_K the output column tile.
+    """
+    pid_m, pid_k = grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
+    m_ok = rows < M
+    k_ok = cols < K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    rr = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        r_ok = r0 + rr < R
+        dz = tl.load(
+            dz_ptr + rows[:, None] * stride_dzm + (r0 + rr)[None, :] * stride_dzr,
+            mask=m_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            a_ptr + (r0 + rr)[:, None] * stride_ar + cols[None, :] * stride_ak,
+            mask=r_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        acc = mma(dz.to(a.dtype), a, acc, UPCAST, IEEE)
+    if HAS_DROPOUT:
+        # dx_lora = keep * (dz A) / (1 - p)
+        keep = keep_tile(rows, k0, K, seed_lo, seed_hi, thresh, BLOCK_K, ALIGNED)
+        acc = tl.where(keep, acc * keep_scale, 0.0)
+
+    ns = tl.arange(0, BLOCK_N)
+    g_ptrs = g_ptr + rows[:, None] * stride_gm + ns[None, :] * stride_gn
+    w_ptrs = w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk
+    for n0 in range(0, N, BLOCK_N):
+        n_ok = n0 + ns < N
+        g = tl.load(g_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        # dx_base = g W
+        acc = mma(g, w, acc, UPCAST, IEEE)
+        g_ptrs += BLOCK_N * stride_gn
+        w_ptrs += BLOCK_N * stride_wn
+
+    dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.autotune(
+    configs=configs(
+        [
+            cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
+            cfg(4, 3, BLOCK_M=64, BLOCK_K=128),
+            cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
+            cfg(8, 3, BLOCK_M=64, BLOCK_K=256),
+        ],
+        cfg(1, 1, BLOCK_M=16, BLOCK_K=32),
+    ),
+    key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
+)
+@triton.jit(do_not_specialize=_DROPOUT)
+def _lora_bwd_dA_kernel(
+    dz_ptr, x_ptr, da_ptr,
+    M, K, R, M_BUCKET,
+    stride_dzm, stride_dzr, stride_xm, stride_xk, stride_das, stride_dar,
+    seed_lo, seed_hi, thresh, keep_scale,
+    HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, R_PAD: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dA partial (S, R, K): program (k, s) sums dz^T @ (keep * x) / (1 - p) over the row tiles
+    s, s + S, ... (S = grid dim 1) for its BLOCK_K columns."""
+    k0 = tl.program_id(0) * BLOCK_K
+    pid_s = tl.program_id(1)
+    cols = k0 + tl.arange(0, BLOCK_K)
+    k_ok = cols < K
+    rs = tl.arange(0, R_PAD)
+    r_ok = rs < R
+    acc = tl.zeros((R_PAD, BLOCK_K), tl.float32)
+    for m0 in range(pid_s * BLOCK_M, M, tl.num_programs(1) * BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_ok = rows < M
+        dzt = tl.load(
+            dz_ptr + rows[None, :] * stride_dzm + rs[:, None] * stride_dzr,
+            mask=r_ok[:, None] & m_ok[None, :],
+            other=0.0,
+        )
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        if HAS_DROPOUT:
+            x = tl.where(keep_tile(rows, k0, K, seed_lo, seed_hi, thresh, BLOCK_K, ALIGNED), x, 0.0)
+        # dA = dz^T (keep * x) / (1 - p)
+        acc = mma(dzt.to(x.dtype), x, acc, UPCAST, IEEE)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    da_ptrs = da_ptr + pid_s.to(tl.int64) * stride_das + rs[:, None] * stride_dar + cols[None, :]
+    tl.store(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+def lora_bwd_dz_dB(
+    g: torch.Tensor,
+    z: torch.Tensor | None,
+    lora_B: torch.Tensor,
+    scale: float,
+    need_dz: bool,
+    row_programs: int | None = None,
+    col_splits: int | None = None,
+    block_m: int = _B1_BLOCK_M,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """B1: ``dz = s g B`` (fp32) and ``dB = s g^T z`` (lora_B's dtype) in one read of g.
+
+    g: (M, N), z: (M, r) or None (dB not needed), lora_B: (N, r). Returns (dz: (M, r) fp32,
+    dB: (N, r)); an output not asked for is an empty tensor. Tuning knobs (None: heuristic):
+    ``row_programs`` (P) and ``col_splits`` (S) shape the grid (P, S) over row tiles of
+    ``block_m``; the fp32 partials cost P*N*r (dB) and S*M*r (dz) elements.
+    """
+    check_dtype(g)
+    M, N = g.shape
+    R = lora_B.shape[1]
+    need_dB = z is not None
+    empty = g.new_empty((0,))
+    if M == 0 or not (need_dz or need_dB):
+        dz = g.new_zeros((M, R), dtype=torch.float32) if need_dz else empty
+        return dz, (torch.zeros_like(lora_B) if need_dB else empty)
+    sms = sm_count(g.device)
+    num_m = triton.cdiv(M, block_m)
+    P = min(row_programs or sms, num_m)  # every program owns at least one row tile
+    S = col_splits or max(1, min(triton.cdiv(2 * sms, P), triton.cdiv(N, 64)))
+    dz_part = new_buffer((S, M, R), torch.float32, g.device) if need_dz else empty
+    db_part = new_buffer((P, N, R), torch.float32, g.device) if need_dB else empty
+    wrap_triton(_lora_bwd_dz_dB_kernel)[(P, S)](
+        g, lora_B, z if need_dB else g, dz_part, db_part,
+        M, N, R, m_bucket(M),
+        g.stride(0), g.stride(1), lora_B.stride(0), lora_B.stride(1),
+        z.stride(0) if need_dB else 0, z.stride(1) if need_dB else 0,
+        M * R, R, N * R, R,
+        scale,
+        NEED_DZ=need_dz, NEED_DB=need_dB, R_PAD=rank_pad(R), BLOCK_M=block_m, **dot_flags(g.dtype),
+    )  # fmt: skip
+    dz = dz_part.sum(0) if need_dz else empty
+    dB = db_part.sum(0).to(lora_B.dtype) if need_dB else empty
+    return dz, dB
+
+
+def lora_bwd_dx(
+    g: torch.Tensor, dz: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int
+) -> torch.Tensor:
+    """B2: ``dx = g W + keep * (dz A) / (1 - p)``.
+
+    g: (M, N), dz: (M, r) fp32 from B1, weight: (N, K), lora_A: (r, K) -> dx: (M, K) in g's dtype.
+    """
+    check_dtype(g)
+    M, N = g.shape
+    K = weight.shape[1]
+    R = lora_A.shape[0]
+    r_pad = rank_pad(R)
+    dx = new_buffer((M, K), g.dtype, g.device)
+    if M == 0:
+        return dx
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    wrap_triton(_lora_bwd_dx_kernel)[grid](
+        g, weight, dz, lora_A, dx,
+        M, N, K, R, m_bucket(M),
+        g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), dz.stride(0), dz.stride(1),
+        lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
+        **dropout_args(p, seed), ALIGNED=K % 4 == 0, R_PAD=r_pad, BLOCK_R=min(r_pad, 64), **dot_flags(g.dtype),
+    )  # fmt: skip
+    return dx
+
+
+def lora_bwd_dA(dz: torch.Tensor, x: torch.Tensor, p: float, seed: int, splits: int | None = None) -> torch.Tensor:
+    """B3: ``dA = dz^T dropout(x)``. dz: (M, r) fp32, x: (M, K) -> dA: (r, K) in x's dtype.
+    ``splits`` row ranges reduce in parallel into fp32 partials (splits, r, K)."""
+    check_dtype(x)
+    M, K = x.shape
+    R = dz.shape[1]
+    if M == 0:
+        return x.new_zeros((R, K))
+    S = splits or max(1, min(triton.cdiv(2 * sm_count(x.device), triton.cdiv(K, 128)), triton.cdiv(M, 32)))
+    da_part = new_buffer((S, R, K), torch.float32, x.device)
+    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), S)
+    wrap_triton(_lora_bwd_dA_kernel)[grid](
+        dz, x, da_part,
+        M, K, R, m_bucket(M),
+        dz.stride(0), dz.stride(1), x.stride(0), x.stride(1), R * K, K,
+        **dropout_args(p, seed), ALIGNED=K % 4 == 0, R_PAD=rank_pad(R), **dot_flags(x.dtype),
+    )  # fmt: skip
+    return da_part.sum(0).to(x.dtype)
