@@ -7,6 +7,7 @@ optional piece (triton, the C++ extension): the ``torch`` backend always works.
 
 from .functional import available_backends, dropout_mask, get_backend, lora_linear, set_backend
 from .nn import LoRALinear, inject, lora_layers, merge, print_trainable_parameters, unmerge
+from .peft import patch_peft, unpatch_peft
 from .quant import Int8Weight, NF4Weight, quantize
 from .variants import LoRAFAOptimizer, dora_linear, lorafa_project_grads_, loraplus_param_groups
 
@@ -28,7 +29,9 @@ __all__ = [
     "lora_layers",
     "lora_linear",
     "merge",
+    "patch_peft",
     "print_trainable_parameters",
     "set_backend",
     "unmerge",
+    "unpatch_peft",
 ]

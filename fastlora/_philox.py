@@ -124,12 +124,15 @@ def keep_mask(
     return _keep_mask_torch(M, K, p, seed, row_offset, device)
 
 
-def dropout(x: Tensor, p: float, seed: int, *, row_offset: int = 0, force_python: bool = False) -> Tensor:
+def dropout(x: Tensor, p: float, seed: int | Tensor, *, row_offset: int = 0, force_python: bool = False) -> Tensor:
     """``where(keep, x * (1/(1-p)), 0)`` for ``x: (M, K)`` (any strides): contiguous, x's dtype.
 
     With p == 0 it returns ``x.contiguous()``, which is x itself when x is contiguous: callers
-    must not mutate the result.
+    must not mutate the result. ``seed`` may be a 0-d int64 CPU tensor (how torch.compile
+    carries a seed drawn inside a graph).
     """
+    if isinstance(seed, Tensor):
+        return torch.ops.fastlora.dropout_tseed(x, p, seed)
     _check_x(x)
     _check(p, seed, row_offset)
     if p == 0.0:
@@ -139,8 +142,11 @@ def dropout(x: Tensor, p: float, seed: int, *, row_offset: int = 0, force_python
     return _dropout_torch(x, p, seed, row_offset)
 
 
-def dropout_(x: Tensor, p: float, seed: int, *, row_offset: int = 0, force_python: bool = False) -> Tensor:
+def dropout_(x: Tensor, p: float, seed: int | Tensor, *, row_offset: int = 0, force_python: bool = False) -> Tensor:
     """In-place :func:`dropout` of a contiguous ``x: (M, K)``; returns x."""
+    if isinstance(seed, Tensor):
+        torch.ops.fastlora.dropout_tseed_(x, p, seed)
+        return x
     _check_x(x)
     _check(p, seed, row_offset)
     if not x.is_contiguous():
@@ -151,3 +157,28 @@ def dropout_(x: Tensor, p: float, seed: int, *, row_offset: int = 0, force_pytho
         torch.ops.fastlora.dropout_(x, p, seed, row_offset)
         return x
     return x.copy_(_dropout_torch(x, p, seed, row_offset))
+
+
+# Seeds held in tensors. Under torch.compile a seed drawn inside the graph is a tensor, and
+# reading it (.item()) would break the graph; these ops read it inside their own body instead.
+
+
+@torch.library.custom_op("fastlora::dropout_tseed", mutates_args=())
+def _dropout_tseed(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    out = dropout(x, p, int(seed))
+    return out.clone() if out is x else out  # an op's output never aliases its input
+
+
+@_dropout_tseed.register_fake
+def _(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastlora::dropout_tseed_", mutates_args=("x",))
+def _dropout_tseed_(x: Tensor, p: float, seed: Tensor) -> None:
+    dropout_(x, p, int(seed))
+
+
+@_dropout_tseed_.register_fake
+def _(x: Tensor, p: float, seed: Tensor) -> None:
+    return None

@@ -44,14 +44,18 @@ class LoRAFunction(torch.autograd.Function):
         need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
         need_z = ctx.needs_input_grad[4]
         # x is saved as the caller's tensor (not a reshaped copy) so its storage stays shared.
-        ctx.save_for_backward(x if need_x else None, z if need_z else None, None if quant else weight, lora_A, lora_B)
+        # a seed drawn inside a compiled graph is a 0-d tensor: it is saved like one (8 bytes)
+        seed_t = seed if isinstance(seed, Tensor) else None
+        saved_W = None if quant else weight
+        ctx.save_for_backward(x if need_x else None, z if need_z else None, saved_W, lora_A, lora_B, seed_t)
         ctx.quant, ctx.x_shape = quant, x.shape
-        ctx.scale, ctx.p, ctx.seed, ctx.backend = scale, p, seed, backend
+        ctx.scale, ctx.p, ctx.backend = scale, p, backend
+        ctx.seed = None if seed_t is not None else seed
         return y.view(*lead, weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, z, weight, lora_A, lora_B = ctx.saved_tensors
+        x, z, weight, lora_A, lora_B, seed_t = ctx.saved_tensors
         nig = ctx.needs_input_grad
         needs = (nig[0], nig[1], nig[2], nig[3], nig[4])
         if not any(needs):
@@ -60,7 +64,9 @@ class LoRAFunction(torch.autograd.Function):
         if ctx.quant is not None:
             weight = ctx.quant.dequantize(g.dtype)
         x2 = None if x is None else x.reshape(-1, x.shape[-1])
-        dx, dW, db, dA, dB = ctx.backend.backward(g, x2, z, weight, lora_A, lora_B, ctx.scale, ctx.p, ctx.seed, needs)
+        dx, dW, db, dA, dB = ctx.backend.backward(
+            g, x2, z, weight, lora_A, lora_B, ctx.scale, ctx.p, ctx.seed if seed_t is None else seed_t, needs
+        )
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return dx, dW, db, dA, dB, None, None, None, None

@@ -67,6 +67,11 @@ def draw_seed() -> int:
     return int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64).item())
 
 
+def _draw_seed_tensor() -> Tensor:
+    """:func:`draw_seed` without leaving the graph: the same draw, kept as a 0-d tensor."""
+    return torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64)
+
+
 def dropout_mask(
     shape: tuple[int, int], p: float, seed: int, backend: str | None = None, device: torch.device | str = "cpu"
 ) -> Tensor:
@@ -151,7 +156,7 @@ def lora_linear(
     bias: Tensor | None = None,
     dropout_p: float = 0.0,
     training: bool = True,
-    seed: int | None = None,
+    seed: int | Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """Fused LoRA linear: ``y = x W^T + bias + scale * (dropout(x) A^T) B^T``.
@@ -171,11 +176,17 @@ def lora_linear(
     _check_inputs(x, weight, lora_A, lora_B, bias, scale)
     _check_p(dropout_p)
     p = float(dropout_p) if training else 0.0
-    if p > 0.0:
-        seed = draw_seed() if seed is None else seed
-        _check_seed(seed)
-    else:
+    if p == 0.0:
         seed = 0
+    elif seed is None:
+        seed = _draw_seed_tensor() if torch.compiler.is_compiling() else draw_seed()
+    elif isinstance(seed, Tensor):
+        if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+            raise ValueError(
+                f"a tensor seed must be a 0-d int64 CPU tensor, got {seed.dtype} {tuple(seed.shape)} on {seed.device}"
+            )
+    else:
+        _check_seed(seed)
 
     device = x.device
     if torch.is_autocast_enabled(device.type):

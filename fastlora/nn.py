@@ -161,7 +161,11 @@ class LoRALinear(nn.Module):
         return self.lora_alpha / math.sqrt(b) if self.use_rslora else self.lora_alpha / b
 
     def _weight_sqnorm(self) -> Tensor:
-        """``||W_i||^2`` (N,), cached while W is unchanged (tracked by storage and version)."""
+        """``||W_i||^2`` (N,), cached while W is unchanged (tracked by storage and version).
+        Under torch.compile it is recomputed in the graph (storage checks are not traceable)."""
+        if torch.compiler.is_compiling():
+            acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
+            return self.dense_weight().detach().to(acc).square().sum(1)
         t = self.weight.packed if isinstance(self.weight, NF4Weight) else getattr(self.weight, "CB", self.weight)
         key = (t.data_ptr(), t._version, id(self.weight))
         if self._sqnorm_cache is None or self._sqnorm_cache[0] != key:

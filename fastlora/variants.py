@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _philox
-from .functional import _check_p, _check_seed, draw_seed, lora_linear
+from .functional import _check_p, _check_seed, _draw_seed_tensor, draw_seed, lora_linear
 
 
 def dora_weight_norm(
@@ -41,15 +41,18 @@ class _Dropout(torch.autograd.Function):
     """``x * mask / (1 - p)`` with the seeded mask regenerated in backward (never stored)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, p: float, seed: int) -> Tensor:
-        ctx.p, ctx.seed, ctx.shape = p, seed, x.shape
+    def forward(ctx, x: Tensor, p: float, seed: int | Tensor) -> Tensor:
+        ctx.p, ctx.shape = p, x.shape
+        ctx.seed = None if isinstance(seed, Tensor) else seed
+        ctx.save_for_backward(seed if isinstance(seed, Tensor) else None)
         return _philox.dropout(x.reshape(-1, x.shape[-1]), p, seed).view(x.shape)
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        (seed_t,) = ctx.saved_tensors
         # d(xd)/dx = mask / (1 - p)
         gx = g.reshape(-1, g.shape[-1]).contiguous().clone()
-        _philox.dropout_(gx, ctx.p, ctx.seed)
+        _philox.dropout_(gx, ctx.p, ctx.seed if seed_t is None else seed_t)
         return gx.view(ctx.shape), None, None
 
 
@@ -89,8 +92,10 @@ def dora_linear(
     if p == 0.0:
         y = lora_linear(x, weight, lora_A, lora_B, scale=scale, backend=backend) * g
         return y if bias is None else y + bias
-    seed = draw_seed() if seed is None else seed
-    _check_seed(seed)
+    if seed is None:
+        seed = _draw_seed_tensor() if torch.compiler.is_compiling() else draw_seed()
+    elif not isinstance(seed, Tensor):
+        _check_seed(seed)
     xd = _Dropout.apply(x, p, seed)
     # PEFT: x W^T + b + (g - 1) * (xd W^T) + g * s * (xd A^T) B^T = (x - xd) W^T + b + g * lora(xd).
     # The first term goes through the fused op with a zero-scaled, detached adapter, so it keeps no

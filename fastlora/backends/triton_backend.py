@@ -121,6 +121,13 @@ def dropout_mask(M: int, K: int, p: float, seed: int, device: torch.device) -> T
     return tk.keep_mask(M, K, p, seed, torch.device(device))
 
 
+def _host_seed(seed: int | Tensor) -> int:
+    # The kernels take the seed as a launch argument. A seed drawn inside a compiled graph (a
+    # tensor) is read here, which costs a graph break under torch.compile with dropout on the GPU;
+    # passing ``seed=`` explicitly avoids it. (Reading it in-kernel from a pointer is the fix.)
+    return int(seed) if isinstance(seed, Tensor) else seed
+
+
 def forward(
     x: Tensor,
     weight: Tensor,
@@ -133,6 +140,7 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """x: (M, K), weight: (N, K), bias: (N,) | None, lora_A: (r, K), lora_B: (N, r) ->
     (y: (M, N), z: (M, r)); F1 shrink then F2 base GEMM with the rank-r tail."""
+    seed = _host_seed(seed)
     return torch.ops.fastlora.triton_lora_fwd(x, weight, bias, lora_A, lora_B, scale, p, seed, False)
 
 
@@ -152,6 +160,7 @@ def backward(
     ``needs`` says so. dz = s g B stays an fp32 (M, r) internal."""
     need_dx, need_dW, need_db, need_dA, need_dB = needs
     dx = dW = db = dA = dB = None
+    seed = _host_seed(seed)
     if need_dx or need_dA or need_dB:
         dz, dB = torch.ops.fastlora.triton_lora_bwd_dz_dB(g, z if need_dB else None, lora_B, scale, need_dx or need_dA)
         dB = dB if need_dB else None
