@@ -1,0 +1,335 @@
+"""Op-level cases: one LoRA linear layer, forward and forward+backward, against its baselines.
+
+Every implementation of a case reads the same tensors (one :class:`Bank`): the same x, the same
+frozen ``nn.Linear`` and the same LoRA factors (PEFT's own parameters when PEFT is installed),
+so the rows of a case differ only in the code that runs. x requires grad (it comes from a
+previous layer in training); W and bias are frozen; A and B are trained.
+
+Implementations live in :data:`IMPLS`. A new baseline or variant (PEFT + bitsandbytes NF4,
+Unsloth, fastlora's quantized or DoRA paths) is one :func:`register` call with an
+``available`` check and a ``layer`` builder; cases may grow fields (``quant``...) that builders
+read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+from . import harness
+
+MODES = ("fwd", "fwdbwd")
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One shape: x (M, K), W (N, K), A (r, K), B (N, r); dtype a torch dtype name."""
+
+    M: int
+    K: int
+    N: int
+    r: int
+    p: float
+    dtype: str
+    modes: tuple[str, ...] = MODES
+    bias: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"M{self.M}-K{self.K}-N{self.N}-r{self.r}-p{self.p:g}-{self.dtype}" + ("-bias" if self.bias else "")
+
+
+@dataclass
+class Bank:
+    """Shared inputs of a case: ``n`` layers that all read one x (n = 3 models q/k/v)."""
+
+    x: Tensor
+    g: Tensor  # upstream gradient dL/dy (M, N)
+    lins: list[nn.Linear]
+    A: list[Tensor]
+    B: list[Tensor]
+    scale: float
+    p: float
+    peft_layers: list[nn.Module] | None = None
+    keep: list[object] = field(default_factory=list)  # owners that must outlive the bank
+
+    def params(self) -> list[Tensor]:
+        ps = [t for lin in self.lins for t in lin.parameters()] + self.A + self.B
+        if self.peft_layers:
+            ps += [t for m in self.peft_layers for t in m.parameters()]
+        return ps
+
+    def zero_grads(self) -> None:
+        self.x.grad = None
+        for t in self.A + self.B:
+            t.grad = None
+
+
+def _peft():
+    try:
+        import peft
+
+        return peft
+    except Exception:
+        return None
+
+
+def make_bank(case: OpCase, device: torch.device, n: int = 1, seed: int = 0) -> Bank:
+    dtype = getattr(torch, case.dtype)
+    torch.manual_seed(seed)
+    lins = [
+        nn.Linear(case.K, case.N, bias=case.bias, device=device, dtype=dtype).requires_grad_(False) for _ in range(n)
+    ]
+    x = torch.randn(case.M, case.K, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(case.M, case.N, device=device, dtype=dtype)
+    alpha = 2 * case.r
+    peft = _peft()
+    if peft is None:
+        A = [(torch.randn(case.r, case.K, device=device, dtype=dtype) / case.K**0.5).requires_grad_() for _ in range(n)]
+        B = [(torch.randn(case.N, case.r, device=device, dtype=dtype) / case.r**0.5).requires_grad_() for _ in range(n)]
+        return Bank(x, g, lins, A, B, alpha / case.r, case.p)
+    holder = nn.Module()
+    for i, lin in enumerate(lins):
+        holder.add_module(f"l{i}", lin)
+    cfg = peft.LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=case.p, target_modules=[f"l{i}" for i in range(n)])
+    # autocast_adapter_dtype=False keeps PEFT's adapters in the model dtype, like fastlora's
+    # (PEFT's default would upcast bf16 adapters to fp32 and run the LoRA branch in fp32).
+    pm = peft.get_peft_model(holder, cfg, autocast_adapter_dtype=False).train()
+    layers = [getattr(pm.base_model.model, f"l{i}") for i in range(n)]
+    A = [pl.lora_A["default"].weight for pl in layers]
+    B = [pl.lora_B["default"].weight for pl in layers]
+    with torch.no_grad():  # non-zero B, so the LoRA branch is not trivially zero
+        for b in B:
+            b.copy_(torch.randn(b.shape, device=device, dtype=dtype) / case.r**0.5)
+    return Bank(x, g, lins, A, B, layers[0].scaling["default"], case.p, layers, [pm])
+
+
+# --------------------------------------------------------------------------- implementations
+@dataclass(frozen=True)
+class Impl:
+    """``available(device)`` returns None when usable, else why not (printed as a note);
+    ``layer(bank, i)`` returns the callable computing layer i of the bank: y = f(x)."""
+
+    name: str
+    family: str  # "base", "fastlora", "peft", "reference": used for ratios, FLOPs and plots
+    available: Callable[[torch.device], str | None]
+    layer: Callable[[Bank, int], Callable[[Tensor], Tensor]]
+
+
+IMPLS: dict[str, Impl] = {}
+
+
+def register(impl: Impl) -> Impl:
+    IMPLS[impl.name] = impl
+    return impl
+
+
+def _fastlora_layer(backend: str) -> Callable[[Bank, int], Callable[[Tensor], Tensor]]:
+    def build(bank: Bank, i: int) -> Callable[[Tensor], Tensor]:
+        import fastlora
+
+        lin, A, B = bank.lins[i], bank.A[i], bank.B[i]
+        return lambda x: fastlora.lora_linear(
+            x, lin.weight, A, B, scale=bank.scale, bias=lin.bias, dropout_p=bank.p, training=True, backend=backend
+        )
+
+    return build
+
+
+def _fastlora_available(backend: str) -> Callable[[torch.device], str | None]:
+    def check(device: torch.device) -> str | None:
+        try:
+            import fastlora
+            from fastlora import backends
+        except Exception as exc:
+            return f"fastlora does not import ({exc})"
+        if backend in ("torch", "reference"):
+            return None
+        if backend not in fastlora.available_backends():
+            return "backend not installed"
+        if device.type != "cuda":
+            return "a GPU backend (on CPU only the Triton interpreter runs it: far too slow to time)"
+        return None if backends.usable(backend, device) else f"not usable on {device}"
+
+    return check
+
+
+register(Impl("base", "base", lambda d: None, lambda bank, i: bank.lins[i]))
+for _b in ("torch", "triton", "cuda"):
+    register(Impl(f"fastlora-{_b}", "fastlora", _fastlora_available(_b), _fastlora_layer(_b)))
+register(
+    Impl("peft", "peft", lambda d: None if _peft() else "peft is not installed", lambda bank, i: bank.peft_layers[i])
+)
+register(Impl("reference", "reference", _fastlora_available("reference"), _fastlora_layer("reference")))
+
+
+def usable_impls(device: torch.device) -> tuple[list[Impl], list[str]]:
+    """The registered implementations that run on ``device``, and a note for each that won't."""
+    ok, notes = [], []
+    for impl in IMPLS.values():
+        why = impl.available(device)
+        if why is None:
+            ok.append(impl)
+        else:
+            notes.append(f"skipping {impl.name}: {why}")
+    return ok, notes
+
+
+# --------------------------------------------------------------------------- case lists
+def _grid(base: dict, p_values, **axes) -> list[OpCase]:
+    """One-at-a-time sweeps around ``base``: every value of each axis, the rest at base."""
+    out = []
+    for p in p_values:
+        out.append(OpCase(**base, p=p))
+        for axis, values in axes.items():
+            for v in values:
+                change = dict(zip(("K", "N"), v, strict=True)) if axis == "KN" else {axis: v}
+                out.append(OpCase(**{**base, **change}, p=p))
+    return out
+
+
+def _dedupe(cases: list[OpCase]) -> list[OpCase]:
+    """Merge cases of equal shape (union of their modes), keeping first-seen order."""
+    merged: dict[tuple, OpCase] = {}
+    for c in cases:
+        key = (c.M, c.K, c.N, c.r, c.p, c.dtype, c.bias)
+        if key in merged:
+            modes = tuple(m for m in MODES if m in merged[key].modes or m in c.modes)
+            c = replace(merged[key], modes=modes)
+        merged[key] = c
+    return list(merged.values())
+
+
+def op_cases(device: torch.device, suite: str, quick: bool = False) -> list[OpCase]:
+    """The op-level cases of a suite. The first cases are the headline shape (DESIGN.md §7)."""
+    if quick:
+        head = [OpCase(128, 64, 64, 8, p, "float32") for p in (0.0, 0.1)]
+        sweep = [OpCase(M, 64, 64, r, 0.1, "float32", ("fwdbwd",)) for r in (4, 8) for M in (64, 128)]
+        return _dedupe(head + sweep)
+    if device.type == "cuda":
+        if suite == "default":
+            kn = ((4096, 4096), (4096, 14336), (14336, 4096))
+            return [OpCase(8192, K, N, r, p, "bfloat16") for (K, N) in kn for r in (16, 64) for p in (0.0, 0.1)]
+        base = dict(M=8192, K=4096, N=4096, r=16, dtype="bfloat16")
+        return _dedupe(
+            _grid(
+                base,
+                (0.0, 0.1),
+                M=(1024, 2048, 4096, 16384),
+                KN=((2048, 2048), (4096, 14336), (14336, 4096), (8192, 8192)),
+                r=(8, 32, 64, 128, 256),
+                dtype=("float16", "float32"),
+            )
+            + [OpCase(**base, p=p) for p in (0.05, 0.2)]
+        )
+    if suite == "default":
+        head = [OpCase(2048, 1024, 1024, 16, p, "float32") for p in (0.0, 0.1)]
+        sweep = [OpCase(M, 1024, 1024, r, 0.1, "float32", ("fwdbwd",)) for M in (512, 2048) for r in (8, 16, 64)]
+        return _dedupe(head + sweep)
+    base = dict(M=2048, K=1024, N=1024, r=16, dtype="float32")
+    return _dedupe(
+        _grid(
+            base,
+            (0.0, 0.1),
+            M=(256, 512, 1024, 4096),
+            KN=((1024, 2816), (2816, 1024), (2048, 2048)),
+            r=(4, 8, 32, 64, 128),
+            dtype=("bfloat16",),
+        )
+        + [OpCase(**base, p=p) for p in (0.05, 0.2)]
+    )
+
+
+# --------------------------------------------------------------------------- running a case
+def _saved(impl: Impl, bank: Bank) -> int:
+    """Activation bytes saved for backward by a forward of all the bank's layers on one x."""
+    layers = [impl.layer(bank, i) for i in range(len(bank.lins))]
+    return harness.saved_activation_bytes(lambda: [f(bank.x) for f in layers], bank.params())
+
+
+def _frac(d: dict[str, int], name: str, ref: str | None) -> float | None:
+    return d[name] / d[ref] if ref and d[ref] else None
+
+
+def run_case(
+    case: OpCase, device: torch.device, impls: list[Impl], tcfg: harness.TimingConfig
+) -> tuple[list[dict], list[str]]:
+    """Time and measure every implementation on one case: one row per (implementation, mode),
+    and a note for each implementation that failed (it is dropped, the others still run)."""
+    bank = make_bank(case, device)
+    bank3 = make_bank(case, device, n=3)
+    layers, saved, saved_qkv, notes = {}, {}, {}, []
+    for impl in impls:
+        if impl.family == "peft" and not bank.peft_layers:
+            continue
+        try:
+            f = impl.layer(bank, 0)
+            bank.zero_grads()
+            f(bank.x).backward(bank.g)  # smoke call: a broken implementation fails here, untimed
+            saved[impl.name] = _saved(impl, bank)
+            saved_qkv[impl.name] = _saved(impl, bank3)
+        except Exception as exc:
+            notes.append(f"{case.name}: {impl.name} failed ({type(exc).__name__}: {exc}); row skipped")
+            continue
+        layers[impl.name] = f
+    del bank3
+    if "base" not in layers:
+        return [], notes + [f"{case.name}: no base row, case skipped"]
+    fam = {impl.name: impl.family for impl in impls if impl.name in layers}
+    peft_name = next((n for n, f in fam.items() if f == "peft"), None)
+    elt = torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
+
+    def fn(name: str, mode: str) -> Callable[[], object]:
+        f, x, g = layers[name], bank.x, bank.g
+        if mode == "fwd":
+            return lambda: f(x)
+
+        def step() -> None:
+            bank.zero_grads()
+            f(x).backward(g)
+
+        return step
+
+    rows = []
+    for mode in case.modes:
+        fns = {name: fn(name, mode) for name in layers}
+        samples, rounds = harness.time_interleaved(fns, device, tcfg)
+        for name in layers:
+            st = harness.summarize(samples[name])
+            lora = fam[name] != "base"
+            sec = st["median_ms"] / 1e3
+            ratio = harness.paired_ratio(rounds[name], rounds["base"])
+            row = {
+                "kind": "op",
+                "case": case.name,
+                "impl": name,
+                "family": fam[name],
+                "mode": mode,
+                "M": case.M,
+                "K": case.K,
+                "N": case.N,
+                "r": case.r,
+                "p": case.p,
+                "dtype": case.dtype,
+                "bias": case.bias,
+                **st,
+                "ratio_to_base": ratio[0],
+                "ratio_p25": ratio[1],
+                "ratio_p75": ratio[2],
+                "speedup_vs_peft": harness.paired_ratio(rounds[peft_name], rounds[name])[0] if peft_name else None,
+                "tflops": harness.op_flops(case.M, case.K, case.N, case.r, mode, lora) / sec / 1e12,
+                "gbps": None,
+                "peak_mem_mib": None,
+                "saved_bytes": saved[name],
+                "saved_bytes_qkv": saved_qkv[name],
+                "saved_vs_peft": _frac(saved, name, peft_name),
+                "saved_qkv_vs_peft": _frac(saved_qkv, name, peft_name),
+            }
+            if device.type == "cuda":
+                row["gbps"] = harness.op_bytes(case.M, case.K, case.N, case.r, mode, lora, elt) / sec / 1e9
+                row["peak_mem_mib"] = harness.cuda_peak_bytes(fns[name], device) / harness.MiB
+            rows.append(row)
+    return rows, notes

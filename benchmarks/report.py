@@ -1,0 +1,205 @@
+"""Results: the printed table, the JSON files, the plots and the regression check."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+from .harness import MiB
+
+
+# --------------------------------------------------------------------------- table
+def _f(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per row: op rows first, then end-to-end rows."""
+    out = []
+    op = [r for r in rows if r["kind"] == "op"]
+    if op:
+        hdr = (
+            f"{'impl':<16} {'shape MxKxN':<17} {'dtype':<9} {'r':>4} {'p':>5} {'mode':<7} {'median ms':>10} "
+            f"{'spread%':>8} {'x base':>7} {'x PEFT':>7} {'TFLOP/s':>8} {'saved MiB':>10} {'qkv MiB':>9}"
+        )
+        out += [hdr, "-" * len(hdr)]
+        for r in op:
+            spread = 100 * (r["p75_ms"] - r["p25_ms"]) / r["median_ms"]
+            shape = f"{r['M']}x{r['K']}x{r['N']}"
+            out.append(
+                f"{r['impl']:<16} {shape:<17} {r['dtype']:<9} {r['r']:>4} {r['p']:>5g} {r['mode']:<7} "
+                f"{r['median_ms']:>10.3f} {spread:>8.1f} {_f(r['ratio_to_base'], '.3f'):>7} "
+                f"{_f(r['speedup_vs_peft'], '.2f'):>7} {_f(r['tflops'], '.3f'):>8} "
+                f"{r['saved_bytes'] / MiB:>10.2f} {r['saved_bytes_qkv'] / MiB:>9.2f}"
+            )
+    e2e = [r for r in rows if r["kind"] == "e2e"]
+    if e2e:
+        hdr = (
+            f"{'impl':<16} {'end-to-end config':<46} {'step ms':>9} {'spread%':>8} {'tokens/s':>10} {'x PEFT':>7} "
+            f"{'saved MiB':>10} {'peak MiB':>9}"
+        )
+        out += ["", hdr, "-" * len(hdr)]
+        for r in e2e:
+            spread = 100 * (r["p75_ms"] - r["p25_ms"]) / r["median_ms"]
+            out.append(
+                f"{r['impl']:<16} {r['case']:<46} {r['median_ms']:>9.1f} {spread:>8.1f} "
+                f"{r['tokens_per_s']:>10.0f} {_f(r['speedup_vs_peft'], '.2f'):>7} {r['saved_bytes'] / MiB:>10.1f} "
+                f"{_f(r['peak_mem_mib'], '.0f'):>9}"
+            )
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- JSON
+def write_results(rows: list[dict], meta: dict, out_dir: str) -> str:
+    """Write ``<suite>.json`` (this run: meta + rows, overwritten) and append every row, with its
+    metadata, to ``history.jsonl``. Returns the path of the run file."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = [{**r, "meta": meta} for r in rows]
+    path = os.path.join(out_dir, f"{meta['suite']}.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(out_dir, "history.jsonl"), "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def load_rows(path: str) -> list[dict]:
+    """Rows of a run file (``{"meta", "rows"}``), a JSON list of rows, or a JSON-lines file."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return data["rows"] if isinstance(data, dict) else data
+
+
+# --------------------------------------------------------------------------- regression check
+def row_key(r: dict) -> tuple:
+    return (r["kind"], r["case"], r["impl"], r["mode"])
+
+
+def compare(rows: list[dict], baseline: list[dict], metric: str = "time", min_tol: float = 0.05) -> list[dict]:
+    """Compare this run with a baseline, row by row (matched on kind, case, impl, mode).
+
+    metric "time" compares the median time; "ratio" compares the ratio to the frozen base
+    measured in the same run (robust to a machine that is uniformly slower or busier; op rows
+    of non-base implementations only). A row regresses when ``now > before * (1 + tol)`` with
+    ``tol = max(min_tol, 3 * spread)`` and spread the larger relative IQR of the two runs.
+    For a baseline file with several rows of one key (a history), the last one is used.
+    """
+    base = {row_key(r): r for r in baseline}
+    out = []
+    for r in rows:
+        b = base.get(row_key(r))
+        if b is None:
+            continue
+        if metric == "ratio":
+            if r.get("ratio_to_base") is None or b.get("ratio_to_base") is None or r["family"] == "base":
+                continue
+            before, now = b["ratio_to_base"], r["ratio_to_base"]
+            spread = max((x["ratio_p75"] - x["ratio_p25"]) / x["ratio_to_base"] for x in (r, b))
+        else:
+            before, now = b["median_ms"], r["median_ms"]
+            spread = max((x["p75_ms"] - x["p25_ms"]) / x["median_ms"] for x in (r, b))
+        tol = max(min_tol, 3 * spread)
+        change = now / before - 1
+        out.append(
+            {
+                "key": row_key(r),
+                "before": before,
+                "now": now,
+                "change": change,
+                "tol": tol,
+                "regressed": change > tol,
+            }
+        )
+    return out
+
+
+def format_compare(results: list[dict], metric: str) -> str:
+    unit = "ms" if metric == "time" else "x base"
+    lines = [f"{'row':<72} {'before':>9} {'now':>9} {'change':>8} {'tol':>6}  ({unit})"]
+    for c in results:
+        name = " ".join(str(k) for k in c["key"][1:])
+        flag = "  REGRESSION" if c["regressed"] else ""
+        lines.append(
+            f"{name:<72} {c['before']:>9.3f} {c['now']:>9.3f} {100 * c['change']:>+7.1f}% {100 * c['tol']:>5.0f}%{flag}"
+        )
+    n = sum(c["regressed"] for c in results)
+    lines.append(f"{len(results)} rows compared, {n} regressed")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+def _slice(rows: list[dict], x: str) -> tuple[list[dict], str]:
+    """The fwd+bwd op rows of the largest group that varies only ``x`` (and the impl)."""
+    fields = ("M", "K", "N", "r", "p", "dtype")
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["kind"] == "op" and r["mode"] == "fwdbwd" and r["family"] != "base":
+            groups[tuple(r[f] for f in fields if f != x)].append(r)
+    if not groups:
+        return [], ""
+    key = max(groups, key=lambda k: (len({r[x] for r in groups[k]}), k[-2]))
+    fixed = ", ".join(f"{f}={v}" for f, v in zip((f for f in fields if f != x), key, strict=True))
+    return groups[key], fixed
+
+
+def plot(rows: list[dict], out_dir: str, prefix: str) -> list[str]:
+    """Write ratio-to-base vs r, vs M, and saved-bytes bars as PNGs; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for x in ("r", "M"):
+        sel, fixed = _slice(rows, x)
+        if not sel:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for impl in sorted({r["impl"] for r in sel}):
+            pts = sorted((r[x], r["ratio_to_base"], r["ratio_p25"], r["ratio_p75"]) for r in sel if r["impl"] == impl)
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            err = [[max(p[1] - p[2], 0) for p in pts], [max(p[3] - p[1], 0) for p in pts]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=impl)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(x)
+        ax.set_ylabel("fwd+bwd time / frozen base linear (median, IQR)")
+        ax.set_title(f"ratio to base vs {x} ({fixed})", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, f"{prefix}ratio_vs_{x}.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    # saved bytes at the headline shape (the first op row's), one layer and q/k/v, per p
+    op = [r for r in rows if r["kind"] == "op" and r["mode"] == rows[0]["mode"]] if rows else []
+    if op:
+        h = op[0]
+        same = [r for r in op if all(r[f] == h[f] for f in ("M", "K", "N", "r", "dtype"))]
+        ps = sorted({r["p"] for r in same})
+        impls = list(dict.fromkeys(r["impl"] for r in same))
+        groups = [(f"1 layer, p={p:g}", "saved_bytes", p) for p in ps] + [
+            (f"q/k/v, p={p:g}", "saved_bytes_qkv", p) for p in ps
+        ]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        w = 0.8 / max(len(impls), 1)
+        for j, impl in enumerate(impls):
+            vals = [next((r[f] / MiB for r in same if r["impl"] == impl and r["p"] == p), 0) for _, f, p in groups]
+            ax.bar([i + j * w for i in range(len(groups))], vals, w, label=impl)
+        ax.set_xticks([i + w * (len(impls) - 1) / 2 for i in range(len(groups))], [g[0] for g in groups], fontsize=8)
+        ax.set_ylabel("activations saved for backward (MiB)")
+        ax.set_title(f"saved activations, M={h['M']} K={h['K']} N={h['N']} r={h['r']} {h['dtype']}", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, f"{prefix}saved_memory.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
