@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole GPU step in one command (issues #3, #4, #5, #7): build the package (CUDA extension
+# when it compiles), run the test suite compiled on the GPU (Triton kernels not interpreted, the
+# 2^31-element shape included), run the benchmark suite, and pack the results.
+#
+#   bash benchmarks/gpu_check.sh [all|tests|bench]
+#
+# On the lent GPU machine (no registry): carry a bitsandbytes wheel in .whl/ (see README) so the
+# NF4 comparisons run; logs and benchmarks/results/ are packed into $OUT (or /tmp/fastlora-gpu).
+# Commit what lands in benchmarks/results/<device>/ afterwards.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+out=${OUT:-/tmp/fastlora-gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+	python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&
+		export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/build.log" 2>&1; then
+	echo "CUDA extension build failed (see build.log); building the CPU extension only" | tee -a "$out/gpu.txt"
+	FASTLORA_NO_CUDA=1 python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$out/build.log" 2>&1 || exit 1
+fi
+
+rc=0
+if [ "$what" != bench ]; then
+	python3 -m pytest tests -q -ra -p no:cacheprovider --junitxml="$out/junit.xml" 2>&1 | tee "$out/tests.log"
+	[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" != tests ]; then
+	python3 -m benchmarks --device cuda 2>&1 | tee "$out/bench.log"
+	[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+	tar czf "$out/results.tgz" benchmarks/results
+fi
+exit $rc
