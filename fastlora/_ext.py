@@ -41,3 +41,45 @@ if _reason is None:
     @torch.library.register_fake("fastlora::dropout_")
     def _dropout_inplace_fake(x: Tensor, p: float, seed: int, row_offset: int = 0) -> None:
         return None
+
+    # fastlora.quant ops (csrc/quant_cpu.cpp, csrc/cuda/nf4_cuda.cu); a stale build may lack them.
+    if hasattr(torch.ops.fastlora, "quantize_nf4"):
+
+        @torch.library.register_fake("fastlora::quantize_nf4")
+        def _quantize_nf4_fake(weight: Tensor, blocksize: int = 64) -> tuple[Tensor, Tensor]:
+            n = weight.numel()
+            packed = weight.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
+            return packed, weight.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32)
+
+        @torch.library.register_fake("fastlora::dequantize_nf4")
+        def _dequantize_nf4_fake(
+            packed: Tensor, absmax: Tensor, shape: list[int], blocksize: int, dtype: torch.dtype
+        ) -> Tensor:
+            return packed.new_empty(shape, dtype=dtype)
+
+        @torch.library.register_fake("fastlora::dequantize_nf4_out")
+        def _dequantize_nf4_out_fake(packed: Tensor, absmax: Tensor, out: Tensor, blocksize: int) -> None:
+            return None
+
+        @torch.library.register_fake("fastlora::nf4_linear")
+        def _nf4_linear_fake(
+            x: Tensor, packed: Tensor, absmax: Tensor, N: int, blocksize: int, bias: Tensor | None = None
+        ) -> Tensor:
+            return x.new_empty((*x.shape[:-1], N))
+
+        @torch.library.register_fake("fastlora::dequantize_blockwise_8bit")
+        def _dequantize_blockwise_8bit_fake(q: Tensor, absmax: Tensor, code: Tensor, blocksize: int) -> Tensor:
+            return absmax.new_empty((q.numel(),))
+
+        @torch.library.register_fake("fastlora::quantize_int8")
+        def _quantize_int8_fake(weight: Tensor) -> tuple[Tensor, Tensor]:
+            cb = weight.new_empty(weight.shape, dtype=torch.int8)
+            return cb, weight.new_empty(weight.shape[:1], dtype=torch.float32)
+
+        @torch.library.register_fake("fastlora::dequantize_int8")
+        def _dequantize_int8_fake(CB: Tensor, SCB: Tensor, dtype: torch.dtype) -> Tensor:
+            return CB.new_empty(CB.shape, dtype=dtype)
+
+        @torch.library.register_fake("fastlora::dequantize_int8_out")
+        def _dequantize_int8_out_fake(CB: Tensor, SCB: Tensor, out: Tensor) -> None:
+            return None

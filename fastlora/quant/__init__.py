@@ -1,19 +1,23 @@
 """Quantized frozen base weights (DESIGN.md section 5): NF4 and row-wise int8.
 
 Both formats are bit-compatible with bitsandbytes (its CPU backend) and read/write its
-``Linear4bit`` / ``Linear8bitLt`` state-dict entries, without importing bitsandbytes.
+``Linear4bit`` / ``Linear8bitLt`` state-dict entries, without importing bitsandbytes. The hot
+loops run as ``fastlora._C`` ops where the extension is built (same bytes); inside
+``with force_python():`` they run as plain PyTorch.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from ._ops import force_python
 from .int8 import Int8Weight, dequantize_int8, quantize_int8
 from .nf4 import (
     SUPPORTED_BLOCKSIZES,
     NF4Weight,
     dequantize_blockwise_8bit,
     dequantize_nf4,
+    nf4_linear,
     quantize_blockwise_8bit,
     quantize_nf4,
 )
@@ -28,6 +32,8 @@ __all__ = [
     "dequantize_blockwise_8bit",
     "dequantize_int8",
     "dequantize_nf4",
+    "force_python",
+    "nf4_linear",
     "quantize",
     "quantize_blockwise_8bit",
     "quantize_int8",

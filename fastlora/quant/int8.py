@@ -3,7 +3,8 @@
 ``SCB[i] = max_j |W[i, j]|`` (fp32), ``CB = round(W * (127 / SCB))`` (int8), and
 ``W ~= CB * SCB / 127``. Same ops, in the same order, as bitsandbytes'
 ``int8_vectorwise_quant`` / ``int8_vectorwise_dequant``, except that an all-zero row gives
-``CB = 0`` instead of bitsandbytes' ``0 * inf = NaN`` cast to int8.
+``CB = 0`` instead of bitsandbytes' ``0 * inf = NaN`` cast to int8. ``quantize_int8`` and
+``dequantize_int8`` run as ``fastlora._C`` ops where compiled (same bytes; ``fastlora.quant._ops``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .nf4 import _check_finite, _check_weight
+from . import _ops
+from .nf4 import _OP_DTYPES, _check_finite, _check_out, _check_weight
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -21,14 +23,30 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @torch.no_grad()
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """weight: (N, K) float -> (CB int8 (N, K), SCB fp32 (N,))."""
+    op = _ops.op("quantize_int8", weight.device) if weight.dim() == 2 and weight.dtype in _OP_DTYPES else None
+    if op is not None:
+        return op(weight)
     scb = weight.abs().amax(dim=1).float()
     scale = 127.0 / scb.unsqueeze(1)  # bnb's expression: reciprocal(scb) * 127
     scale.masked_fill_(scb.unsqueeze(1) == 0, 0.0)  # zero rows: no 0 * inf
     return (weight * scale).round_().to(torch.int8), scb
 
 
-def dequantize_int8(cb: Tensor, scb: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``CB * SCB / 127`` computed as bitsandbytes does (fp32), then cast: (N, K)."""
+def dequantize_int8(
+    cb: Tensor, scb: Tensor, dtype: torch.dtype = torch.float32, *, out: Tensor | None = None
+) -> Tensor:
+    """``CB * SCB / 127`` computed as bitsandbytes does (fp32), then cast: (N, K).
+
+    ``out``: a contiguous (N, K) tensor of ``dtype`` to write into and return instead.
+    """
+    if out is not None:
+        _check_out(out, cb.shape, dtype, cb.device)
+        if dtype in _OP_DTYPES and (op := _ops.op("dequantize_int8_out", cb.device)) is not None:
+            op(cb, scb, out)
+            return out
+        return out.copy_((cb * scb.view(-1, 1)).mul_(7.874015718698502e-3))
+    if dtype in _OP_DTYPES and (op := _ops.op("dequantize_int8", cb.device)) is not None:
+        return op(cb, scb, dtype)
     return (cb * scb.view(-1, 1)).mul_(7.874015718698502e-3).to(dtype)
 
 
@@ -61,9 +79,11 @@ class Int8Weight:
     def nbytes(self) -> int:
         return self.CB.numel() + 4 * self.SCB.numel()
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """(N, K) in ``dtype`` (default: the original dtype)."""
-        return dequantize_int8(self.CB, self.SCB, dtype or self.dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, *, out: Tensor | None = None) -> Tensor:
+        """(N, K) in ``dtype`` (default: ``out``'s dtype, else the original one); ``out``: a
+        contiguous (N, K) buffer to fill and return instead."""
+        dtype = dtype or (self.dtype if out is None else out.dtype)
+        return dequantize_int8(self.CB, self.SCB, dtype, out=out)
 
     def to(self, device: torch.device | str) -> Int8Weight:
         return Int8Weight(self.CB.to(device), self.SCB.to(device), self.dtype)

@@ -12,8 +12,9 @@ does that through a 65536-entry lookup table over [-1, 1], not an exact nearest 
 is reproduced here table and all. (Matched against bitsandbytes' CPU backend; the same code runs
 on any device, but bitsandbytes' CUDA kernels have their own rounding paths.)
 
-The hot loops are the four tensor-in/tensor-out functions ``quantize_nf4``, ``dequantize_nf4``,
-``quantize_blockwise_8bit`` and ``dequantize_blockwise_8bit``; a compiled op can replace them.
+The hot loops are the tensor-in/tensor-out functions ``quantize_nf4``, ``dequantize_nf4`` and
+``dequantize_blockwise_8bit``: where ``fastlora._C`` has a kernel for the device they run as its
+ops (csrc/quant_cpu.cpp, csrc/cuda/), with the same bytes; see ``fastlora.quant._ops``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from . import _ops
 
 # Index = nibble. bitsandbytes.functional.get_4bit_type("nf4"); also DESIGN.md section 5.
 NF4_CODE = (
@@ -50,6 +53,7 @@ NESTED_BLOCKSIZE = 256
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _FLOAT_DTYPES.items()}
 _LUT_SIZE = 65536
+_OP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the C++ ops take
 
 
 @functools.cache
@@ -127,6 +131,8 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64) -> tuple[Tensor, Tensor]:
     1e-38)`` and stores that clamped absmax; an odd count is padded with code 7.
     """
     _check_blocksize(blocksize)
+    if weight.dtype in _OP_DTYPES and (op := _ops.op("quantize_nf4", weight.device)) is not None:
+        return op(weight, blocksize)
     flat = weight.reshape(-1)
     n = flat.numel()
     full = n - n % blocksize
@@ -157,16 +163,28 @@ def dequantize_nf4(
     shape: Sequence[int],
     blocksize: int = 64,
     dtype: torch.dtype = torch.float32,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Inverse of :func:`quantize_nf4`: ``code[nibble] * absmax[block]`` in fp32, then cast.
 
     packed: uint8 with ``ceil(n / 2)`` elements; absmax: fp32 ``(ceil(n / blocksize),)``;
     returns ``shape`` in ``dtype`` (round to nearest even, like bitsandbytes' CPU kernel).
+    ``out``: a contiguous ``shape`` tensor of ``dtype`` to write into and return instead (one
+    scratch buffer reused across calls saves the allocation, which costs as much as the work).
     """
     n = math.prod(shape)
+    if out is not None:
+        _check_out(out, shape, dtype, packed.device)
+        if dtype in _OP_DTYPES and (op := _ops.op("dequantize_nf4_out", packed.device)) is not None:
+            op(packed, absmax, out, blocksize)
+            return out
+    elif dtype in _OP_DTYPES and (op := _ops.op("dequantize_nf4", packed.device)) is not None:
+        return op(packed, absmax, list(shape), blocksize, dtype)
     codes = packed.reshape(-1)
     table = _nf4_byte_table(codes.device)
-    out = torch.empty(n, dtype=dtype, device=codes.device)
+    result = out
+    out = torch.empty(n, dtype=dtype, device=codes.device) if out is None else out.view(-1)
     full = n - n % blocksize
     step = _chunk(codes.device, blocksize)
     for s in range(0, full, step):
@@ -177,7 +195,19 @@ def dequantize_nf4(
     if full < n:
         vals = torch.index_select(table, 0, codes[full // 2 :].int()).view(torch.float32)
         out[full:] = vals[: n - full] * absmax[-1]
-    return out.view(tuple(shape))
+    return out.view(tuple(shape)) if result is None else result
+
+
+def _check_out(out: Tensor, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype}, expected {dtype}")
+    if tuple(out.shape) != tuple(shape) or not out.is_contiguous() or out.device != device:
+        raise ValueError(
+            f"out must be a contiguous {tuple(shape)} tensor on {device}, got shape {tuple(out.shape)} on "
+            f"{out.device}{'' if out.is_contiguous() else ' (non-contiguous)'}"
+        )
 
 
 @functools.cache
@@ -219,6 +249,8 @@ def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int = NESTED_BLO
 
 def dequantize_blockwise_8bit(q: Tensor, absmax: Tensor, code: Tensor, blocksize: int = NESTED_BLOCKSIZE) -> Tensor:
     """``code[q] * absmax[i // blocksize]`` in fp32; q: uint8 ``(n,)`` -> fp32 ``(n,)``."""
+    if (op := _ops.op("dequantize_blockwise_8bit", q.device)) is not None:
+        return op(q, absmax, code, blocksize)
     vals = code[q.reshape(-1).long()]
     n = vals.numel()
     full = n - n % blocksize
@@ -330,9 +362,11 @@ class NF4Weight:
         deq = dequantize_blockwise_8bit(self.absmax, self.nested_absmax, self.nested_code, self.nested_blocksize)
         return deq.add_(self.offset)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """(N, K) in ``dtype`` (default: the original dtype); equals bnb ``dequantize_4bit``."""
-        return dequantize_nf4(self.packed, self.block_absmax(), self.shape, self.blocksize, dtype or self.dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, *, out: Tensor | None = None) -> Tensor:
+        """(N, K) in ``dtype`` (default: ``out``'s dtype, else the original one); equals bnb
+        ``dequantize_4bit``. ``out``: a contiguous (N, K) buffer to fill and return instead."""
+        dtype = dtype or (self.dtype if out is None else out.dtype)
+        return dequantize_nf4(self.packed, self.block_absmax(), self.shape, self.blocksize, dtype, out=out)
 
     def to(self, device: torch.device | str) -> NF4Weight:
         mv = lambda t: None if t is None else t.to(device)
@@ -454,6 +488,24 @@ class NF4Weight:
             code=ours["quant_map"],
             **kw,
         )
+
+
+def nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight.dequantize(x.dtype), bias)``: x (..., K), weight (N, K), bias (N,)
+    -> (..., N).
+
+    The ``fastlora::nf4_linear`` op runs it where compiled; on CUDA with bf16/fp16 x of at most
+    16 rows (decode) one kernel reads the 4-bit weight once instead of writing and re-reading a
+    dequantized copy. The op has no autograd formula, so a call that needs gradients (or x of
+    another dtype) takes the dequantize + ``F.linear`` path.
+    """
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} must end in the {weight.shape[1]} features of {weight}")
+    op = _ops.op("nf4_linear", x.device)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if op is None or needs_grad or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
+    return op(x, weight.packed, weight.block_absmax(), weight.shape[0], weight.blocksize, bias)
 
 
 def _expect(t: object, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
