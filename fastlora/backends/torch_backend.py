@@ -36,9 +36,8 @@ def forward(
     # The rank-r tail writes y first, then the base GEMM accumulates into it (beta=1), so y is
     # the only M x N buffer.
     if bias is None:
-        y = torch.mm(z, lora_B.t())
-        if scale != 1.0:
-            y.mul_(scale)
+        # scale the (M, r) factor, not the (M, N) product: no extra pass over y
+        y = torch.mm(z if scale == 1.0 else z * scale, lora_B.t())
     else:
         y = torch.addmm(bias, z, lora_B.t(), alpha=scale)
     y.addmm_(x, weight.t())
