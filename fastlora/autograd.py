@@ -12,6 +12,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from .quant import dequantize_scratch
+
 
 class LoRAFunction(torch.autograd.Function):
     """``y = x W^T + bias + scale * (dropout(x) A^T) B^T`` with a seeded, regenerated mask.
@@ -35,10 +37,10 @@ class LoRAFunction(torch.autograd.Function):
         backend: ModuleType,
     ) -> Tensor:
         lead = x.shape[:-1]
-        # A quantized base is dequantized into a transient buffer here and again in backward;
-        # no dequantized copy outlives the call.
+        # A quantized base is dequantized into the shared scratch buffer here and again in
+        # backward; no dequantized copy is kept per layer or saved for backward.
         quant = None if isinstance(weight, Tensor) else weight
-        W = weight if quant is None else quant.dequantize(x.dtype)
+        W = weight if quant is None else dequantize_scratch(quant, x.dtype)
         y, z = backend.forward(x.reshape(-1, x.shape[-1]), W, bias, lora_A, lora_B, scale, p, seed)
         del W
         need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
@@ -62,7 +64,7 @@ class LoRAFunction(torch.autograd.Function):
             return (None,) * 9
         g = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.quant is not None:
-            weight = ctx.quant.dequantize(g.dtype)
+            weight = dequantize_scratch(ctx.quant, g.dtype)
         x2 = None if x is None else x.reshape(-1, x.shape[-1])
         dx, dW, db, dA, dB = ctx.backend.backward(
             g, x2, z, weight, lora_A, lora_B, ctx.scale, ctx.p, ctx.seed if seed_t is None else seed_t, needs

@@ -165,3 +165,33 @@ def test_quantize_api_and_errors():
         fastlora.quantize(w, "nf4", blocksize=48)
     with pytest.raises(ValueError):
         fastlora.quantize(torch.randn(2, 3, 4), "nf4")
+
+
+def test_layers_share_one_scratch_buffer_and_stay_correct():
+    from fastlora import quant
+
+    quant.release_scratch()
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 32))
+    dense = [m.weight.detach().clone() for m in model if isinstance(m, nn.Linear)]
+    fastlora.inject(model, ["0", "2", "4"], r=4, quant="nf4")
+    model.double()  # float64 compute, so the comparison below can be tight
+    layers = [m for m in model if isinstance(m, LoRALinear)]
+    for m in layers:
+        nn.init.normal_(m.lora_B)
+    x = torch.randn(5, 64, dtype=torch.float64, requires_grad=True)
+    model(x).square().sum().backward()
+    assert len(quant._SCRATCH) == 1  # one buffer served all three layers, forward and backward
+    # the same model computed by the oracle on each layer's dequantized weight
+    h = x.detach().clone().requires_grad_(True)
+    As = [m.lora_A.detach().clone().requires_grad_(True) for m in layers]
+    out = h
+    for i, m in enumerate(layers):
+        out = lora_linear_ref(out, m.weight.dequantize(torch.float64), As[i], m.lora_B, m.scaling, m.bias)
+        if i < 2:
+            out = torch.tanh(out)
+    out.square().sum().backward()
+    torch.testing.assert_close(x.grad, h.grad)
+    for m, a in zip(layers, As, strict=True):
+        torch.testing.assert_close(m.lora_A.grad, a.grad)
+    assert all((d - m.weight.dequantize(torch.float32)).abs().max() > 0 for d, m in zip(dense, layers, strict=True))

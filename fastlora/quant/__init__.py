@@ -8,6 +8,7 @@ loops run as ``fastlora._C`` ops where the extension is built (same bytes); insi
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ._ops import force_python
@@ -38,6 +39,8 @@ __all__ = [
     "quantize_blockwise_8bit",
     "quantize_int8",
     "quantize_nf4",
+    "dequantize_scratch",
+    "release_scratch",
 ]
 
 
@@ -54,3 +57,29 @@ def quantize(weight: Tensor, kind: str = "nf4", blocksize: int = 64, double_quan
     if kind == "int8":
         return Int8Weight.quantize(weight)
     raise ValueError(f"kind must be 'nf4' or 'int8', got {kind!r}")
+
+
+# One scratch buffer per (dtype, device), grown to the largest layer seen: every quantized
+# layer dequantizes into it for the length of one GEMM (bitsandbytes' strategy), so a model
+# holds at most one dense weight's worth of memory instead of allocating one per call.
+_SCRATCH: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def dequantize_scratch(weight: QuantizedWeight, dtype: torch.dtype) -> Tensor:
+    """``weight.dequantize(dtype)`` written into the shared scratch buffer. The result is only
+    valid until the next call: use it for one op and drop it. Under torch.compile a fresh tensor
+    is returned (a global buffer mutated inside a graph is not worth the trouble)."""
+    if torch.compiler.is_compiling():
+        return weight.dequantize(dtype)
+    N, K = weight.shape
+    key = (dtype, weight.device)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < N * K:
+        _SCRATCH.pop(key, None)  # free the smaller one first
+        buf = _SCRATCH[key] = torch.empty(N * K, dtype=dtype, device=weight.device)
+    return weight.dequantize(dtype, out=buf[: N * K].view(N, K))
+
+
+def release_scratch() -> None:
+    """Free the dequantization scratch buffers (e.g. before switching to a full-precision model)."""
+    _SCRATCH.clear()
