@@ -80,7 +80,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"fastlora.triton_kernels": "triton_kernels"},
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.4", "safetensors"],
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark", "peft", "transformers", "safetensors", "bitsandbytes"],

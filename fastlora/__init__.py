@@ -5,6 +5,15 @@ from a seed instead of stored. Import never touches a GPU and never fails for a 
 optional piece (triton, the C++ extension): the ``torch`` backend always works.
 """
 
+from .adapters import (
+    active_adapter,
+    add_adapter,
+    delete_adapter,
+    list_adapters,
+    load_adapter,
+    save_adapter,
+    set_adapter,
+)
 from .functional import available_backends, dropout_mask, get_backend, lora_linear, set_backend
 from .nn import LoRALinear, inject, lora_layers, merge, print_trainable_parameters, unmerge
 from .peft import patch_peft, unpatch_peft
@@ -14,6 +23,13 @@ from .variants import LoRAFAOptimizer, dora_linear, lorafa_project_grads_, lorap
 __version__ = "0.1.0"
 
 __all__ = [
+    "active_adapter",
+    "add_adapter",
+    "delete_adapter",
+    "list_adapters",
+    "load_adapter",
+    "save_adapter",
+    "set_adapter",
     "Int8Weight",
     "NF4Weight",
     "quantize",

@@ -144,7 +144,7 @@ def lorafa_project_grads_(model_or_layers: nn.Module | Iterable, delta: float = 
 
     mods = model_or_layers.modules() if isinstance(model_or_layers, nn.Module) else model_or_layers
     for m in mods:
-        if isinstance(m, LoRALinear) and m.lora_fa and m.lora_B.grad is not None:
+        if isinstance(m, LoRALinear) and m.lora_fa and m.lora_B is not None and m.lora_B.grad is not None:
             A = m.lora_A.to(torch.float64 if m.lora_A.dtype == torch.float64 else torch.float32)
             eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
             proj = torch.linalg.pinv(A @ A.T + delta * eye) / m.scaling**2
