@@ -36,10 +36,12 @@ class OpCase:
     dtype: str
     modes: tuple[str, ...] = MODES
     bias: bool = False
+    variant: str = "lora"  # "lora", "dora" (both sides DoRA) or "nf4" (both sides on an NF4 base)
 
     @property
     def name(self) -> str:
-        return f"M{self.M}-K{self.K}-N{self.N}-r{self.r}-p{self.p:g}-{self.dtype}" + ("-bias" if self.bias else "")
+        tail = ("-bias" if self.bias else "") + ("" if self.variant == "lora" else f"-{self.variant}")
+        return f"M{self.M}-K{self.K}-N{self.N}-r{self.r}-p{self.p:g}-{self.dtype}" + tail
 
 
 @dataclass
@@ -55,16 +57,19 @@ class Bank:
     p: float
     peft_layers: list[nn.Module] | None = None
     keep: list[object] = field(default_factory=list)  # owners that must outlive the bank
+    variant: str = "lora"
+    magnitude: list[Tensor] = field(default_factory=list)  # DoRA
+    qweight: list[object] = field(default_factory=list)  # NF4: fastlora.quant weights of lins
 
     def params(self) -> list[Tensor]:
-        ps = [t for lin in self.lins for t in lin.parameters()] + self.A + self.B
+        ps = [t for lin in self.lins for t in lin.parameters()] + self.A + self.B + self.magnitude
         if self.peft_layers:
             ps += [t for m in self.peft_layers for t in m.parameters()]
         return ps
 
     def zero_grads(self) -> None:
         self.x.grad = None
-        for t in self.A + self.B:
+        for t in self.A + self.B + self.magnitude:
             t.grad = None
 
 
@@ -77,6 +82,27 @@ def _peft():
         return None
 
 
+def _bnb():
+    try:
+        import bitsandbytes
+
+        return bitsandbytes
+    except Exception:
+        return None
+
+
+def _bnb_base(lin: nn.Linear, device: torch.device) -> nn.Module:
+    """The same weight as a bitsandbytes NF4 Linear4bit (double quant, blocksize 64)."""
+    bnb = _bnb()
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, quant_type="nf4",
+                          compress_statistics=True, compute_dtype=lin.weight.dtype)  # fmt: skip
+    q.weight = bnb.nn.Params4bit(lin.weight.detach().cpu(), requires_grad=False, blocksize=64,
+                                 compress_statistics=True, quant_type="nf4", module=q)  # fmt: skip
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    return q.to(device)  # bitsandbytes quantizes on the move to a device
+
+
 def make_bank(case: OpCase, device: torch.device, n: int = 1, seed: int = 0) -> Bank:
     dtype = getattr(torch, case.dtype)
     torch.manual_seed(seed)
@@ -87,24 +113,34 @@ def make_bank(case: OpCase, device: torch.device, n: int = 1, seed: int = 0) -> 
     g = torch.randn(case.M, case.N, device=device, dtype=dtype)
     alpha = 2 * case.r
     peft = _peft()
-    if peft is None:
+    qweight = []
+    if case.variant == "nf4":
+        import fastlora
+
+        qweight = [fastlora.quantize(lin.weight.detach(), "nf4") for lin in lins]
+    if peft is None or (case.variant == "nf4" and _bnb() is None):
         A = [(torch.randn(case.r, case.K, device=device, dtype=dtype) / case.K**0.5).requires_grad_() for _ in range(n)]
         B = [(torch.randn(case.N, case.r, device=device, dtype=dtype) / case.r**0.5).requires_grad_() for _ in range(n)]
-        return Bank(x, g, lins, A, B, alpha / case.r, case.p)
+        mags = [lin.weight.norm(dim=1).requires_grad_() for lin in lins] if case.variant == "dora" else []
+        return Bank(x, g, lins, A, B, alpha / case.r, case.p, variant=case.variant, magnitude=mags, qweight=qweight)
     holder = nn.Module()
     for i, lin in enumerate(lins):
-        holder.add_module(f"l{i}", lin)
-    cfg = peft.LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=case.p, target_modules=[f"l{i}" for i in range(n)])
+        holder.add_module(f"l{i}", _bnb_base(lin, device) if case.variant == "nf4" else lin)
+    cfg = peft.LoraConfig(
+        r=case.r, lora_alpha=alpha, lora_dropout=case.p, target_modules=[f"l{i}" for i in range(n)],
+        use_dora=case.variant == "dora",
+    )  # fmt: skip
     # autocast_adapter_dtype=False keeps PEFT's adapters in the model dtype, like fastlora's
     # (PEFT's default would upcast bf16 adapters to fp32 and run the LoRA branch in fp32).
     pm = peft.get_peft_model(holder, cfg, autocast_adapter_dtype=False).train()
     layers = [getattr(pm.base_model.model, f"l{i}") for i in range(n)]
     A = [pl.lora_A["default"].weight for pl in layers]
     B = [pl.lora_B["default"].weight for pl in layers]
+    mags = [pl.lora_magnitude_vector["default"].weight for pl in layers] if case.variant == "dora" else []
     with torch.no_grad():  # non-zero B, so the LoRA branch is not trivially zero
         for b in B:
             b.copy_(torch.randn(b.shape, device=device, dtype=dtype) / case.r**0.5)
-    return Bank(x, g, lins, A, B, layers[0].scaling["default"], case.p, layers, [pm])
+    return Bank(x, g, lins, A, B, layers[0].scaling["default"], case.p, layers, [pm], case.variant, mags, qweight)
 
 
 # --------------------------------------------------------------------------- implementations
@@ -132,9 +168,13 @@ def _fastlora_layer(backend: str) -> Callable[[Bank, int], Callable[[Tensor], Te
         import fastlora
 
         lin, A, B = bank.lins[i], bank.A[i], bank.B[i]
-        return lambda x: fastlora.lora_linear(
-            x, lin.weight, A, B, scale=bank.scale, bias=lin.bias, dropout_p=bank.p, training=True, backend=backend
-        )
+        kw = dict(scale=bank.scale, bias=lin.bias, dropout_p=bank.p, training=True, backend=backend)
+        if bank.variant == "dora":
+            m = bank.magnitude[i]
+            sq = lin.weight.float().square().sum(1)  # cached by LoRALinear while W is frozen
+            return lambda x: fastlora.dora_linear(x, lin.weight, A, B, m, weight_sqnorm=sq, **kw)
+        W = bank.qweight[i] if bank.variant == "nf4" else lin.weight
+        return lambda x: fastlora.lora_linear(x, W, A, B, **kw)
 
     return build
 
@@ -164,6 +204,8 @@ register(
     Impl("peft", "peft", lambda d: None if _peft() else "peft is not installed", lambda bank, i: bank.peft_layers[i])
 )
 register(Impl("reference", "reference", _fastlora_available("reference"), _fastlora_layer("reference")))
+VARIANT_IMPLS = {"lora": None, "dora": ("base", "fastlora-torch", "fastlora-triton", "peft"),
+                 "nf4": ("base", "fastlora-torch", "fastlora-triton", "peft")}  # fmt: skip
 
 
 def usable_impls(device: torch.device) -> tuple[list[Impl], list[str]]:
@@ -195,7 +237,7 @@ def _dedupe(cases: list[OpCase]) -> list[OpCase]:
     """Merge cases of equal shape (union of their modes), keeping first-seen order."""
     merged: dict[tuple, OpCase] = {}
     for c in cases:
-        key = (c.M, c.K, c.N, c.r, c.p, c.dtype, c.bias)
+        key = (c.M, c.K, c.N, c.r, c.p, c.dtype, c.bias, c.variant)
         if key in merged:
             modes = tuple(m for m in MODES if m in merged[key].modes or m in c.modes)
             c = replace(merged[key], modes=modes)
@@ -212,7 +254,11 @@ def op_cases(device: torch.device, suite: str, quick: bool = False) -> list[OpCa
     if device.type == "cuda":
         if suite == "default":
             kn = ((4096, 4096), (4096, 14336), (14336, 4096))
-            return [OpCase(8192, K, N, r, p, "bfloat16") for (K, N) in kn for r in (16, 64) for p in (0.0, 0.1)]
+            lora = [OpCase(8192, K, N, r, p, "bfloat16") for (K, N) in kn for r in (16, 64) for p in (0.0, 0.1)]
+            dora = [OpCase(8192, 4096, 4096, 16, p, "bfloat16", variant="dora") for p in (0.0, 0.1)]
+            nf4 = [OpCase(8192, 4096, 4096, 16, 0.0, "bfloat16", variant="nf4")]
+            decode = [OpCase(M, 4096, 4096, 16, 0.0, "bfloat16", ("fwd",), variant="nf4") for M in (1, 16)]
+            return lora + dora + nf4 + decode
         base = dict(M=8192, K=4096, N=4096, r=16, dtype="bfloat16")
         return _dedupe(
             _grid(
@@ -228,7 +274,9 @@ def op_cases(device: torch.device, suite: str, quick: bool = False) -> list[OpCa
     if suite == "default":
         head = [OpCase(2048, 1024, 1024, 16, p, "float32") for p in (0.0, 0.1)]
         sweep = [OpCase(M, 1024, 1024, r, 0.1, "float32", ("fwdbwd",)) for M in (512, 2048) for r in (8, 16, 64)]
-        return _dedupe(head + sweep)
+        dora = [OpCase(2048, 1024, 1024, 16, p, "float32", ("fwdbwd",), variant="dora") for p in (0.0, 0.1)]
+        nf4 = [OpCase(2048, 1024, 1024, 16, 0.0, "float32", ("fwdbwd",), variant="nf4")]
+        return _dedupe(head + sweep) + dora + nf4
     base = dict(M=2048, K=1024, N=1024, r=16, dtype="float32")
     return _dedupe(
         _grid(
@@ -262,8 +310,11 @@ def run_case(
     bank = make_bank(case, device)
     bank3 = make_bank(case, device, n=3)
     layers, saved, saved_qkv, notes = {}, {}, {}, []
+    allowed = VARIANT_IMPLS.get(case.variant)
     for impl in impls:
         if impl.family == "peft" and not bank.peft_layers:
+            continue
+        if allowed is not None and impl.name not in allowed:
             continue
         try:
             f = impl.layer(bank, 0)
@@ -315,6 +366,7 @@ def run_case(
                 "p": case.p,
                 "dtype": case.dtype,
                 "bias": case.bias,
+                "variant": case.variant,
                 **st,
                 "ratio_to_base": ratio[0],
                 "ratio_p25": ratio[1],
