@@ -27,6 +27,7 @@ else the pure-PyTorch path (any device); ``force_python=True`` selects the latte
 from __future__ import annotations
 
 import struct
+import warnings
 
 import torch
 from torch import Tensor
@@ -76,7 +77,23 @@ def _check_x(x: Tensor) -> None:
 
 
 def _use_ext(device: torch.device, force_python: bool) -> bool:
-    return not force_python and device.type == "cpu" and _ext.available()
+    if force_python or device.type != "cpu":
+        return False
+    if not _ext.available():
+        global _warned
+        if not _warned:
+            _warned = True
+            warnings.warn(
+                f"fastlora: {_ext.unavailable_reason()}; using the pure-PyTorch dropout generator (same bits, "
+                "slower). Reinstall with a C++ compiler present to build it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+    return True
+
+
+_warned = False
 
 
 def _keep_mask_torch(M: int, K: int, p: float, seed: int, row_offset: int, device: torch.device) -> Tensor:
