@@ -20,7 +20,7 @@ class LoRAFunction(torch.autograd.Function):
 
     x: (..., K); weight: (N, K) tensor or a fastlora.quant weight; bias: (N,) or None;
     lora_A: (r, K); lora_B: (N, r); all of one dtype and device (fastlora.functional checks).
-    Returns (..., N).
+    Returns (M, N) with M the product of x's leading dims.
     """
 
     @staticmethod
@@ -36,7 +36,6 @@ class LoRAFunction(torch.autograd.Function):
         seed: int,
         backend: ModuleType,
     ) -> Tensor:
-        lead = x.shape[:-1]
         # A quantized base is dequantized into the shared scratch buffer here and again in
         # backward; no dequantized copy is kept per layer or saved for backward.
         quant = None if isinstance(weight, Tensor) else weight
@@ -53,7 +52,9 @@ class LoRAFunction(torch.autograd.Function):
         ctx.quant, ctx.x_shape = quant, x.shape
         ctx.scale, ctx.p, ctx.backend = scale, p, backend
         ctx.seed = None if seed_t is not None else seed
-        return y.view(*lead, weight.shape[0])
+        # (M, N): the caller views it as (..., N). A view made here would make the output a
+        # Function-created view, which autograd forbids modifying in place (`y += residual`).
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):

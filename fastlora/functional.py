@@ -214,4 +214,5 @@ def lora_linear(
         return reference.lora_linear_ref(x, weight, lora_A, lora_B, float(scale), bias, mask, p)
     mod = backends.load(name)
     with torch.autocast(device.type, enabled=False):
-        return LoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), p, seed, mod)
+        y = LoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), p, seed, mod)
+    return y.view(*x.shape[:-1], y.shape[-1])

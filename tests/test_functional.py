@@ -203,3 +203,16 @@ def test_backend_selection_api():
         fastlora.set_backend("auto")
     with pytest.raises(ValueError):
         fastlora.set_backend("cuda")
+
+
+def test_output_can_be_modified_in_place():
+    # model code does `out += residual` on a linear's output; autograd must allow it
+    x, W, A, B, b = make_problem(6, 8, 5, 2, lead=(2, 3))
+    A.requires_grad_(True)
+    y = fastlora.lora_linear(x, W, A, B, scale=1.0, bias=b, dropout_p=0.2, seed=4)
+    y += 1.0
+    y.sum().backward()
+    ref = A.detach().clone().requires_grad_(True)
+    mask = fastlora.dropout_mask((6, 8), 0.2, 4).view(2, 3, 8)
+    (lora_linear_ref(x, W, ref, B, 1.0, b, mask, 0.2) + 1.0).sum().backward()
+    torch.testing.assert_close(A.grad, ref.grad)
