@@ -42,6 +42,46 @@ if _reason is None:
     def _dropout_inplace_fake(x: Tensor, p: float, seed: int, row_offset: int = 0) -> None:
         return None
 
+    # fused LoRA products with dropout (csrc/lora_cpu.cpp); a stale build may lack them.
+    if hasattr(torch.ops.fastlora, "dropout_shrink"):
+
+        @torch.library.register_fake("fastlora::dropout_shrink")
+        def _dropout_shrink_fake(
+            x: Tensor, A: Tensor, p: float, seed: int, row_offset: int = 0, block_rows: int = 0
+        ) -> Tensor:
+            return x.new_empty((x.shape[0], A.shape[0]))
+
+        @torch.library.register_fake("fastlora::dropout_dA")
+        def _dropout_dA_fake(
+            dz: Tensor, x: Tensor, p: float, seed: int, row_offset: int = 0, block_rows: int = 0
+        ) -> Tensor:
+            return x.new_empty((dz.shape[1], x.shape[1]))
+
+        @torch.library.register_fake("fastlora::dropout_tail_add_")
+        def _dropout_tail_add_fake(
+            dx: Tensor, dz: Tensor, A: Tensor, p: float, seed: int, row_offset: int = 0, block_rows: int = 0
+        ) -> None:
+            return None
+
+        @torch.library.register_fake("fastlora::dropout_dA_tail_add_")
+        def _dropout_dA_tail_add_fake(
+            dx: Tensor, dz: Tensor, x: Tensor, A: Tensor, p: float, seed: int, row_offset: int = 0, block_rows: int = 0
+        ) -> Tensor:
+            return x.new_empty((dz.shape[1], x.shape[1]))
+
+    if hasattr(torch.ops.fastlora, "lora_gpass"):
+
+        @torch.library.register_fake("fastlora::lora_expand")
+        def _lora_expand_fake(z: Tensor, B: Tensor, bias: Tensor | None, scale: float, block_rows: int = 0) -> Tensor:
+            return z.new_empty((z.shape[0], B.shape[0]))
+
+        @torch.library.register_fake("fastlora::lora_gpass")
+        def _lora_gpass_fake(
+            g: Tensor, B: Tensor, z: Tensor | None, scale: float, block_rows: int = 0
+        ) -> tuple[Tensor, Tensor]:
+            dB = g.new_empty((B.shape[0], B.shape[1])) if z is not None else g.new_empty((0,))
+            return g.new_empty((g.shape[0], B.shape[1])), dB
+
     # fastlora.quant ops (csrc/quant_cpu.cpp, csrc/cuda/nf4_cuda.cu); a stale build may lack them.
     if hasattr(torch.ops.fastlora, "quantize_nf4"):
 

@@ -199,3 +199,185 @@ def _dropout_tseed_(x: Tensor, p: float, seed: Tensor) -> None:
 @_dropout_tseed_.register_fake
 def _(x: Tensor, p: float, seed: Tensor) -> None:
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Fused LoRA products with dropout (csrc/lora_cpu.cpp): the product is computed per row block
+# through a small reused buffer, so dropout(x) (or the masked tail) is never an M x K tensor.
+# Same mask bits as dropout(); on other devices, without the extension, or with
+# force_python=True each falls back to dropout() and a plain matmul. The same file's
+# lora_expand / lora_gpass run the products without dropout (wrappers at the end).
+
+_FUSED_OPS = _ext.available() and hasattr(torch.ops.fastlora, "dropout_shrink")  # a stale build lacks them
+_EXPAND_OPS = _FUSED_OPS and hasattr(torch.ops.fastlora, "lora_gpass")
+# The ops run hand-written float32 AVX-512 kernels where torch runs its own AVX-512 code
+# (csrc/lora_cpu.cpp: cpu_avx512); elsewhere they call at::mm per row block.
+_AVX512 = _FUSED_OPS and torch.backends.cpu.get_cpu_capability() == "AVX512"
+_KERNEL_MIN_ROWS = 64  # below it the ops' fixed costs (~10-20 us a call) outweigh their gain
+
+
+def fused_available(device: torch.device) -> bool:
+    """True when the fused C++ ops run for tensors on ``device`` (CPU, extension built)."""
+    return _FUSED_OPS and device.type == "cpu"
+
+
+def fused_kernels(x: Tensor) -> bool:
+    """True when the fused ops run their own kernels for ``x`` (M, .): float32 on the CPU,
+    M >= 64. Then they beat a plain matmul even without dropout (p == 0)."""
+    return _AVX512 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] >= _KERNEL_MIN_ROWS
+
+
+def _use_fused(device: torch.device, force_python: bool) -> bool:
+    return _use_ext(device, force_python) and _FUSED_OPS
+
+
+def _check_operand(t: Tensor, name: str, dtype: torch.dtype) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"fastlora dropout: {name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"fastlora dropout: {name} must have dtype {dtype}, got {t.dtype}")
+
+
+def dropout_shrink(
+    x: Tensor, A: Tensor, p: float, seed: int | Tensor, *, row_offset: int = 0, force_python: bool = False
+) -> Tensor:
+    """``dropout(x) @ A.T`` for ``x: (M, K)``, ``A: (r, K)``: (M, r) in x's dtype."""
+    if isinstance(seed, Tensor):
+        return torch.ops.fastlora.dropout_shrink_tseed(x, A, p, seed)
+    _check_x(x)
+    _check_operand(A, "A", x.dtype)
+    _check(p, seed, row_offset)
+    if _use_fused(x.device, force_python):
+        return torch.ops.fastlora.dropout_shrink(x, A, p, seed, row_offset)
+    return torch.mm(dropout(x, p, seed, row_offset=row_offset, force_python=force_python), A.t())
+
+
+def dropout_dA(
+    dz: Tensor, x: Tensor, p: float, seed: int | Tensor, *, row_offset: int = 0, force_python: bool = False
+) -> Tensor:
+    """``dz.T @ dropout(x)`` for ``dz: (M, r)``, ``x: (M, K)``: (r, K) in x's dtype (the C++ op
+    accumulates in fp32, fp64 for fp64)."""
+    if isinstance(seed, Tensor):
+        return torch.ops.fastlora.dropout_dA_tseed(dz, x, p, seed)
+    _check_x(x)
+    _check_operand(dz, "dz", x.dtype)
+    _check(p, seed, row_offset)
+    if _use_fused(x.device, force_python):
+        return torch.ops.fastlora.dropout_dA(dz, x, p, seed, row_offset)
+    return torch.mm(dz.t(), dropout(x, p, seed, row_offset=row_offset, force_python=force_python))
+
+
+def _tail_python(dx: Tensor, dz: Tensor, A: Tensor, p: float, seed: int, row_offset: int, force_python: bool) -> None:
+    t = torch.mm(dz, A)
+    dx.add_(dropout_(t, p, seed, row_offset=row_offset, force_python=force_python))
+
+
+def dropout_tail_add_(
+    dx: Tensor, dz: Tensor, A: Tensor, p: float, seed: int | Tensor, *, row_offset: int = 0, force_python: bool = False
+) -> Tensor:
+    """``dx += dropout(dz @ A)`` in place for ``dx: (M, K)`` (rows of unit stride), ``dz: (M, r)``,
+    ``A: (r, K)``; returns dx."""
+    if isinstance(seed, Tensor):
+        torch.ops.fastlora.dropout_tail_add_tseed_(dx, dz, A, p, seed)
+        return dx
+    _check_x(dx)
+    _check_operand(dz, "dz", dx.dtype)
+    _check_operand(A, "A", dx.dtype)
+    _check(p, seed, row_offset)
+    if _use_fused(dx.device, force_python):
+        torch.ops.fastlora.dropout_tail_add_(dx, dz, A, p, seed, row_offset)
+    else:
+        _tail_python(dx, dz, A, p, seed, row_offset, force_python)
+    return dx
+
+
+def dropout_dA_tail_add_(
+    dx: Tensor,
+    dz: Tensor,
+    x: Tensor,
+    A: Tensor,
+    p: float,
+    seed: int | Tensor,
+    *,
+    row_offset: int = 0,
+    force_python: bool = False,
+) -> Tensor:
+    """The LoRA backward's two masked products in one pass (the mask drawn once): returns
+    ``dz.T @ dropout(x)`` (as :func:`dropout_dA`) and adds ``dropout(dz @ A)`` to dx in place."""
+    if isinstance(seed, Tensor):
+        return torch.ops.fastlora.dropout_dA_tail_add_tseed_(dx, dz, x, A, p, seed)
+    _check_x(x)
+    _check_x(dx)
+    _check_operand(dz, "dz", x.dtype)
+    _check_operand(A, "A", x.dtype)
+    _check(p, seed, row_offset)
+    if _use_fused(x.device, force_python):
+        return torch.ops.fastlora.dropout_dA_tail_add_(dx, dz, x, A, p, seed, row_offset)
+    dA = dropout_dA(dz, x, p, seed, row_offset=row_offset, force_python=force_python)
+    _tail_python(dx, dz, A, p, seed, row_offset, force_python)
+    return dA
+
+
+def lora_expand(z: Tensor, B: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """``scale * z @ B.T + bias`` (no dropout): the forward's rank-r part of y, (M, N). Runs the
+    C++ op where :func:`fused_kernels` (its kernels beat the plain matmul), else the matmul."""
+    if _EXPAND_OPS and fused_kernels(z):
+        return torch.ops.fastlora.lora_expand(z, B, bias, scale)
+    if bias is None:
+        return torch.mm(z if scale == 1.0 else z * scale, B.t())
+    return torch.addmm(bias, z, B.t(), alpha=scale)
+
+
+def lora_gpass(g: Tensor, B: Tensor, z: Tensor | None, scale: float) -> tuple[Tensor, Tensor | None]:
+    """``(scale * g @ B, scale * g.T @ z)`` (no dropout; dB None without z): the backward's two
+    products with g, in one pass over g where :func:`fused_kernels`."""
+    if _EXPAND_OPS and fused_kernels(g):
+        dz, dB = torch.ops.fastlora.lora_gpass(g, B, z, scale)
+        return dz, (dB if z is not None else None)
+    dz = torch.mm(g, B)
+    dB = None if z is None else torch.mm(g.t(), z)
+    if scale != 1.0:
+        dz.mul_(scale)
+        if dB is not None:
+            dB.mul_(scale)
+    return dz, dB
+
+
+@torch.library.custom_op("fastlora::dropout_shrink_tseed", mutates_args=())
+def _dropout_shrink_tseed(x: Tensor, A: Tensor, p: float, seed: Tensor) -> Tensor:
+    return dropout_shrink(x, A, p, int(seed))
+
+
+@_dropout_shrink_tseed.register_fake
+def _(x: Tensor, A: Tensor, p: float, seed: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], A.shape[0]))
+
+
+@torch.library.custom_op("fastlora::dropout_dA_tseed", mutates_args=())
+def _dropout_dA_tseed(dz: Tensor, x: Tensor, p: float, seed: Tensor) -> Tensor:
+    return dropout_dA(dz, x, p, int(seed))
+
+
+@_dropout_dA_tseed.register_fake
+def _(dz: Tensor, x: Tensor, p: float, seed: Tensor) -> Tensor:
+    return x.new_empty((dz.shape[1], x.shape[1]))
+
+
+@torch.library.custom_op("fastlora::dropout_tail_add_tseed_", mutates_args=("dx",))
+def _dropout_tail_add_tseed_(dx: Tensor, dz: Tensor, A: Tensor, p: float, seed: Tensor) -> None:
+    dropout_tail_add_(dx, dz, A, p, int(seed))
+
+
+@_dropout_tail_add_tseed_.register_fake
+def _(dx: Tensor, dz: Tensor, A: Tensor, p: float, seed: Tensor) -> None:
+    return None
+
+
+@torch.library.custom_op("fastlora::dropout_dA_tail_add_tseed_", mutates_args=("dx",))
+def _dropout_dA_tail_add_tseed_(dx: Tensor, dz: Tensor, x: Tensor, A: Tensor, p: float, seed: Tensor) -> Tensor:
+    return dropout_dA_tail_add_(dx, dz, x, A, p, int(seed))
+
+
+@_dropout_dA_tail_add_tseed_.register_fake
+def _(dx: Tensor, dz: Tensor, x: Tensor, A: Tensor, p: float, seed: Tensor) -> Tensor:
+    return x.new_empty((dz.shape[1], x.shape[1]))
