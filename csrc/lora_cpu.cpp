@@ -1,4 +1,4 @@
-// Fused CPU ops of the LoRA branch with seeded dropout (DESIGN.md sections 1-2): the products
+// Fused CPU ops of the LoRA branch (DESIGN.md sections 1-2). With seeded dropout, the products
 // with dropout(x) or dropout(dz @ A) are computed per row block through a small reused buffer,
 // so no M x K temporary is written (the mask is regenerated, as everywhere, from the seed;
 // bits: fastlora/_philox.py). Each op also runs with p == 0 (plain products, blocked alike).
@@ -8,13 +8,16 @@
 //   dropout_tail_add_(dx, dz, A)  dx += dropout(dz @ A)          (M, K) in place
 //   dropout_dA_tail_add_(dx, dz, x, A)  both of the last two in one pass over the row blocks,
 //                                 each block's mask drawn once (the backward needs both)
+//   lora_expand(z, B, bias, s)    y = s * z @ B^T + bias         (M, N), no dropout
+//   lora_gpass(g, B, z, s)        (s * g @ B, s * g^T @ z)       one pass over g, no dropout
 //
-// Every op takes row_offset (row 0 is logical row row_offset, as fastlora::dropout) and
-// block_rows (rows per block; 0 picks one so that a block of x stays in L2).
+// The dropout ops take row_offset (row 0 is logical row row_offset, as fastlora::dropout); all
+// take block_rows (rows per block; 0 picks one so that a block stays in L2).
 //
 // The rank-r products are skinny GEMMs (r is 8-64) on which MKL reaches about half of the FMA
-// peak; for float32 on AVX-512 CPUs they run on the small kernels below (near peak), each
-// block's dropout fused into one pass. Other dtypes and CPUs use at::mm on the block buffers.
+// peak, erratically; for float32 on AVX-512 CPUs they run on the small kernels below (near peak),
+// each block's dropout fused into one pass. Other dtypes and CPUs use at::mm on the blocks
+// (lora_expand / lora_gpass: plain ATen calls).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -201,11 +204,11 @@ FASTLORA_AVX512 void tail_tile(const float* dz, int64_t lddz, const float* A, in
 template <int R, int Init>
 FASTLORA_AVX512 void tail_rows(const float* dz, int64_t lddz, const float* A, int64_t K, int64_t r, float* t,
                                int64_t ldt, const float* bias) {
+  const auto b = [&](int64_t k) { return Init == kInitBias ? bias + k : nullptr; };
   int64_t k = 0;
-  for (; k + 64 <= K; k += 64) tail_tile<R, 4, false, Init>(dz, lddz, A + k, K, r, t + k, ldt, Init == kInitBias ? bias + k : nullptr, 0xFFFF);
-  for (; k + 16 <= K; k += 16) tail_tile<R, 1, false, Init>(dz, lddz, A + k, K, r, t + k, ldt, Init == kInitBias ? bias + k : nullptr, 0xFFFF);
-  if (k < K) tail_tile<R, 1, true, Init>(dz, lddz, A + k, K, r, t + k, ldt, Init == kInitBias ? bias + k : nullptr,
-                                         tail_mask(K - k));
+  for (; k + 64 <= K; k += 64) tail_tile<R, 4, false, Init>(dz, lddz, A + k, K, r, t + k, ldt, b(k), 0xFFFF);
+  for (; k + 16 <= K; k += 16) tail_tile<R, 1, false, Init>(dz, lddz, A + k, K, r, t + k, ldt, b(k), 0xFFFF);
+  if (k < K) tail_tile<R, 1, true, Init>(dz, lddz, A + k, K, r, t + k, ldt, b(k), tail_mask(K - k));
 }
 
 // t (rows x K, row stride ldt) = init + dz (rows x r, row stride lddz) @ A (r x K, contiguous);
@@ -601,8 +604,8 @@ at::Tensor dropout_dA(const at::Tensor& dz, const at::Tensor& x, double p, int64
 
 void check_tail_args(const at::Tensor& dx, const at::Tensor& dz, const at::Tensor& A, const char* op) {
   check_2d(dx, op, "dx", "(M, K)");
-  TORCH_CHECK(rows_have_unit_stride(dx), op, ": dx must have rows of unit stride (it is written in place), got strides ",
-              dx.strides());
+  TORCH_CHECK(rows_have_unit_stride(dx), op,
+              ": dx must have rows of unit stride (it is written in place), got strides ", dx.strides());
   check_2d(A, op, "A", "(r, K)");
   check_dz(dz, dx.size(0), A.size(0), op);
   TORCH_CHECK(A.size(1) == dx.size(1), op, ": A must be (r, K) with K = dx.size(1) = ", dx.size(1), ", got ",
