@@ -5,11 +5,24 @@ and their launch helpers only; the autograd Function and the op registration liv
 Forward:  :func:`lora_forward` (F1 shrink + F2 base GEMM with a rank-r tail).
 Backward: :func:`lora_bwd_dz_dB` (B1), :func:`lora_bwd_dx` (B2), :func:`lora_bwd_dA` (B3).
 Dropout:  :func:`keep_mask`, the same bits the kernels regenerate.
+Quantized bases: :class:`QuantWeight` (NF4 / int8 codes) in place of a dense W in F2 and B2
+(dequantized in registers), and :func:`dequantize` (the whole W into a scratch buffer).
 """
 
 from . import common
 from .lora_bwd import lora_bwd_dA, lora_bwd_dx, lora_bwd_dz_dB
 from .lora_fwd import lora_forward, lora_shrink
 from .philox import keep_mask
+from .quant import QuantWeight, dequantize
 
-__all__ = ["common", "keep_mask", "lora_bwd_dA", "lora_bwd_dx", "lora_bwd_dz_dB", "lora_forward", "lora_shrink"]
+__all__ = [
+    "QuantWeight",
+    "common",
+    "dequantize",
+    "keep_mask",
+    "lora_bwd_dA",
+    "lora_bwd_dx",
+    "lora_bwd_dz_dB",
+    "lora_forward",
+    "lora_shrink",
+]

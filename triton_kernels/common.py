@@ -50,6 +50,21 @@ def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to nearest even in ``dtype``, as torch's casts round. The interpreter
+    truncates fp32 -> bf16 casts (it drops the rounding mode), so there the bf16 bits are made
+    directly; compiled casts round to nearest even already. (Finite x: the values are weights.)"""
+    if _INTERPRET_BF16_FIX and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+_INTERPRET_BF16_FIX = tl.constexpr(INTERPRET)
+
+
 def dot_flags(dtype: torch.dtype) -> dict:
     """Constexprs of :func:`mma` for operands of ``dtype``."""
     return {

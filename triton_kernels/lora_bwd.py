@@ -2,7 +2,8 @@
 
 B1 ``_lora_bwd_dz_dB_kernel``: dz = s g B and dB = s g^T z in one read of g.
 B2 ``_lora_bwd_dx_kernel``:    dx = g W + keep * (dz A) / (1 - p), a GEMM over N with a rank-r
-                               tail, the mask regenerated for the tail.
+                               tail, the mask regenerated for the tail; W dense, or NF4 / int8
+                               dequantized tile by tile in registers.
 B3 ``_lora_bwd_dA_kernel``:    dA = dz^T dropout(x), the mask regenerated.
 
 Cross-program reductions go through fp32 partial buffers summed by torch afterwards, never
@@ -25,10 +26,12 @@ from .common import (
     mma,
     new_buffer,
     rank_pad,
+    round_to,
     sm_count,
 )
 from .lora_fwd import _GEMM_CONFIGS, _prune_m, grouped_tile
 from .philox import keep_tile
+from .quant import QuantWeight, dequant_tile, weight_operands
 
 _DROPOUT = ["seed_lo", "seed_hi", "thresh"]
 
@@ -114,21 +117,24 @@ def _lora_bwd_dz_dB_kernel(
 
 @triton.autotune(
     configs=_DX_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "WQ", "QBLOCK"],
     prune_configs_by={"early_config_prune": _prune_m},
 )
 @triton.jit(do_not_specialize=_DROPOUT)
 def _lora_bwd_dx_kernel(
-    g_ptr, w_ptr, dz_ptr, a_ptr, dx_ptr,
+    g_ptr, w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr, dz_ptr, a_ptr, dx_ptr,
     M, N, K, R, M_BUCKET,
     stride_gm, stride_gn, stride_wn, stride_wk, stride_dzm, stride_dzr,
     stride_ar, stride_ak, stride_dxm, stride_dxk,
     seed_lo, seed_hi, thresh, keep_scale,
     HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dx (M, K) = g (M, N) @ W (N, K) + keep * (dz (M, R) @ A (R, K)) / (1 - p).
+
+    WQ: W dense, or quantized and dequantized tile by tile to g's dtype (as F2).
 
     The tail runs first and is masked on its own, then the N loop accumulates on top, so one
     fp32 accumulator holds dx. BLOCK_N is the reduction tile here, BLOCK_K the output column tile.
@@ -166,7 +172,15 @@ def _lora_bwd_dx_kernel(
     for n0 in range(0, N, BLOCK_N):
         n_ok = n0 + ns < N
         g = tl.load(g_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if WQ == 0:
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        else:
+            w = dequant_tile(
+                w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr,
+                (n0 + ns)[:, None], cols[None, :], n_ok[:, None], k_ok[None, :], K, stride_wn, stride_wk,
+                WQ, QBLOCK, NQBLOCK,
+            )  # fmt: skip
+            w = round_to(w, g_ptr.dtype.element_ty)
         # dx_base = g W
         acc = mma(g, w, acc, UPCAST, IEEE)
         g_ptrs += BLOCK_N * stride_gn
@@ -275,11 +289,12 @@ def lora_bwd_dz_dB(
 
 
 def lora_bwd_dx(
-    g: torch.Tensor, dz: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int
+    g: torch.Tensor, dz: torch.Tensor, weight: torch.Tensor | QuantWeight, lora_A: torch.Tensor, p: float, seed: int
 ) -> torch.Tensor:
     """B2: ``dx = g W + keep * (dz A) / (1 - p)``.
 
-    g: (M, N), dz: (M, r) fp32 from B1, weight: (N, K), lora_A: (r, K) -> dx: (M, K) in g's dtype.
+    g: (M, N), dz: (M, r) fp32 from B1, weight: (N, K) tensor or :class:`QuantWeight`,
+    lora_A: (r, K) -> dx: (M, K) in g's dtype.
     """
     check_dtype(g)
     M, N = g.shape
@@ -289,13 +304,15 @@ def lora_bwd_dx(
     dx = new_buffer((M, K), g.dtype, g.device)
     if M == 0:
         return dx
+    w_ptrs, w_strides, w_meta = weight_operands(weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
     wrap_triton(_lora_bwd_dx_kernel)[grid](
-        g, weight, dz, lora_A, dx,
+        g, *w_ptrs, dz, lora_A, dx,
         M, N, K, R, m_bucket(M),
-        g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), dz.stride(0), dz.stride(1),
+        g.stride(0), g.stride(1), *w_strides, dz.stride(0), dz.stride(1),
         lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-        **dropout_args(p, seed), ALIGNED=K % 4 == 0, R_PAD=r_pad, BLOCK_R=min(r_pad, 64), **dot_flags(g.dtype),
+        **dropout_args(p, seed), ALIGNED=K % 4 == 0, R_PAD=r_pad, BLOCK_R=min(r_pad, 64),
+        **w_meta, **dot_flags(g.dtype),
     )  # fmt: skip
     return dx
 

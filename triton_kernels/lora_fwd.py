@@ -2,7 +2,8 @@
 
 F1 ``_lora_shrink_kernel``:  z = dropout(x) @ A^T, the mask regenerated in registers.
 F2 ``_lora_fwd_kernel``:     y = x @ W^T + bias + s * z @ B^T, one accumulator, y written once;
-                             optionally computes z itself from the x tiles it already loads.
+                             optionally computes z itself from the x tiles it already loads;
+                             W dense, or NF4 / int8 dequantized tile by tile in registers.
 """
 
 import torch
@@ -10,8 +11,20 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .common import cfg, check_dtype, configs, dot_flags, dropout_args, m_bucket, mma, new_buffer, rank_pad
+from .common import (
+    cfg,
+    check_dtype,
+    configs,
+    dot_flags,
+    dropout_args,
+    m_bucket,
+    mma,
+    new_buffer,
+    rank_pad,
+    round_to,
+)
 from .philox import keep_tile
+from .quant import QuantWeight, dequant_tile, weight_operands
 
 _DROPOUT = ["seed_lo", "seed_hi", "thresh"]
 
@@ -102,22 +115,26 @@ def _lora_shrink_kernel(
 
 @triton.autotune(
     configs=_GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "FUSE_SHRINK", "HAS_BIAS"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "FUSE_SHRINK", "HAS_BIAS", "WQ", "QBLOCK"],
     prune_configs_by={"early_config_prune": _prune_m},
 )
 @triton.jit(do_not_specialize=_DROPOUT)
 def _lora_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, z_ptr, y_ptr,
+    x_ptr, w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr, bias_ptr, a_ptr, b_ptr, z_ptr, y_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_bn, stride_br, stride_zm, stride_zr, stride_ym, stride_yn,
     scale, seed_lo, seed_hi, thresh, keep_scale,
     HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ALIGNED: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """y (M, N) = [x | s*z] @ [W | B]^T + bias, the GEMM over K with a rank-R tail.
+
+    WQ (triton_kernels/quant.py): W dense at w_ptr, or quantized codes whose W^T tiles are
+    dequantized in registers to x's dtype (qs_ptr ... off_ptr: the format's statistics).
 
     FUSE_SHRINK=False: z (M, R) was written by F1; the tail runs first (acc = s * z B^T + bias)
     so one fp32 accumulator carries through the K loop. FUSE_SHRINK=True: z is accumulated
@@ -160,7 +177,15 @@ def _lora_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + ks < K
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(wt_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if WQ == 0:
+            wt = tl.load(wt_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        else:
+            wt = dequant_tile(
+                w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr,
+                cols[None, :], (k0 + ks)[:, None], n_ok[None, :], k_ok[:, None], K, stride_wn, stride_wk,
+                WQ, QBLOCK, NQBLOCK,
+            )  # fmt: skip
+            wt = round_to(wt, x_ptr.dtype.element_ty)
         acc = mma(x, wt, acc, UPCAST, IEEE)
         if FUSE_SHRINK:
             if HAS_DROPOUT:
@@ -209,7 +234,7 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int) -> t
 
 def lora_forward(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantWeight,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -220,7 +245,8 @@ def lora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """F1 + F2: ``y = x W^T + bias + scale * z B^T`` and ``z = dropout(x) A^T``.
 
-    x: (M, K), weight: (N, K), bias: (N,) or None, lora_A: (r, K), lora_B: (N, r); any strides.
+    x: (M, K), weight: (N, K) tensor or :class:`QuantWeight` (dequantized tile by tile in
+    registers), bias: (N,) or None, lora_A: (r, K), lora_B: (N, r); any strides.
     Returns y: (M, N) and z: (M, r), both in x's dtype. ``fuse_shrink`` computes z inside F2
     instead of a separate F1 pass (a tuning knob: which wins depends on r, N and p).
     """
@@ -237,14 +263,15 @@ def lora_forward(
         z = lora_shrink(x, lora_A, p, seed)
     if M == 0:
         return y, z
+    w_ptrs, w_strides, w_meta = weight_operands(weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     wrap_triton(_lora_fwd_kernel)[grid](
-        x, weight, bias if bias is not None else y, lora_A, lora_B, z, y,
+        x, *w_ptrs, bias if bias is not None else y, lora_A, lora_B, z, y,
         M, N, K, R, m_bucket(M),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        x.stride(0), x.stride(1), *w_strides, lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), z.stride(0), z.stride(1), y.stride(0), y.stride(1),
         scale, **dropout_args(p, seed),
         HAS_BIAS=bias is not None, FUSE_SHRINK=fuse_shrink, ALIGNED=K % 4 == 0,
-        R_PAD=r_pad, BLOCK_R=min(r_pad, 64), **dot_flags(x.dtype),
+        R_PAD=r_pad, BLOCK_R=min(r_pad, 64), **w_meta, **dot_flags(x.dtype),
     )  # fmt: skip
     return y, z

@@ -1,0 +1,170 @@
+"""Quantized base weights read by the GEMM kernels (DESIGN.md section 5).
+
+:func:`dequant_tile` turns the codes of a tile of W into W's values in registers, computed as
+``fastlora.quant``'s ``dequantize()`` computes them: the same fp32 products, rounded once to
+the GEMM's operand dtype. F2 and B2 call it for their W tiles (the "fused" route: W is read at
+4 or 8 bits and never expanded in memory); :func:`dequantize` writes a whole W into a buffer
+(the "scratch" route: one reused buffer, then the dense tensor-core GEMM).
+
+Formats (the ``WQ`` constexpr), W (N, K) flattened row-major, e = n * K + k:
+
+- ``NF4``: uint8 codes, two per byte, the even element in the high nibble;
+  ``W[n, k] = code[nibble(e)] * absmax[e // BLOCKSIZE]``.
+- ``NF4_DQ``: NF4 with a double-quantized absmax (uint8):
+  ``absmax[b] = nested_code[q[b]] * nested_absmax[b // NESTED_BLOCKSIZE] + offset``.
+- ``INT8``: row-wise ``CB`` int8 (N, K), any strides; ``W[n, k] = (CB[n, k] * SCB[n]) * c`` with
+  c = 1/127 as bitsandbytes writes it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+from triton.language.extra import libdevice
+
+from .common import INTERPRET, cfg, configs, round_to
+
+DENSE, NF4, NF4_DQ, INT8 = 0, 1, 2, 3
+# jit code reads module globals only as constexprs
+_NF4_DQ, _INT8 = tl.constexpr(NF4_DQ), tl.constexpr(INT8)
+_INT8_SCALE = tl.constexpr(7.874015718698502e-3)  # bitsandbytes' 1/127, applied in fp32
+
+# The compiled kernels may contract ``a * b + c`` into one FMA (one rounding instead of the two
+# that fastlora.quant's host code makes); the double-quant sum goes through an explicitly
+# rounded add there. The interpreter (numpy) never contracts, and has no libdevice.
+_EXACT_ADD = tl.constexpr(not INTERPRET and torch.version.hip is None)
+
+
+class QuantWeight(NamedTuple):
+    """A quantized (N, K) base weight as the kernels read it (no dequantized copy).
+
+    kind: NF4, NF4_DQ or INT8. data: NF4 packed uint8 codes (ceil(NK / 2) elements, any shape)
+    or INT8 ``CB`` (N, K). scale: NF4 per-block absmax, fp32 (or uint8 with NF4_DQ),
+    (ceil(NK / blocksize),); INT8 ``SCB`` fp32 (N,). code: NF4 fp32 (16,). NF4_DQ also has
+    nested_absmax fp32 (ceil(blocks / nested_blocksize),), nested_code fp32 (256,) and offset
+    (a 0-d fp32 tensor).
+    """
+
+    kind: int
+    shape: tuple[int, int]
+    data: torch.Tensor
+    scale: torch.Tensor
+    code: torch.Tensor | None = None
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    blocksize: int = 64
+    nested_blocksize: int = 256
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def flat(self) -> tuple[list[torch.Tensor | None], list[int]]:
+        """(tensors, ints): the fields as op arguments (``torch.library`` takes no tuples)."""
+        tensors = [self.data, self.scale, self.code, self.nested_absmax, self.nested_code, self.offset]
+        return tensors, [self.kind, *self.shape, self.blocksize, self.nested_blocksize]
+
+    @classmethod
+    def from_flat(cls, tensors: list[torch.Tensor | None], ints: list[int]) -> QuantWeight:
+        kind, N, K, blocksize, nested_blocksize = ints
+        return cls(kind, (N, K), *tensors, blocksize=blocksize, nested_blocksize=nested_blocksize)
+
+
+def weight_operands(weight: torch.Tensor | QuantWeight) -> tuple[tuple, tuple[int, int], dict]:
+    """The W arguments of F2 / B2 / the dequantize kernel: the six pointers, the two strides
+    and the constexprs. A dense weight fills the quantized slots with itself (never read)."""
+    if isinstance(weight, torch.Tensor):
+        return (weight,) * 6, (weight.stride(0), weight.stride(1)), {"WQ": DENSE, "QBLOCK": 1, "NQBLOCK": 1}
+    if weight.kind not in (NF4, NF4_DQ, INT8):
+        raise ValueError(f"unknown quantized weight kind {weight.kind}")
+    fill = weight.data
+    ptrs = tuple(fill if t is None else t for t in weight.flat()[0])
+    strides = (weight.data.stride(0), weight.data.stride(1)) if weight.kind == INT8 else (weight.shape[1], 1)
+    meta = {"WQ": weight.kind, "QBLOCK": weight.blocksize, "NQBLOCK": weight.nested_blocksize}
+    return ptrs, strides, meta
+
+
+@triton.jit
+def _add_rounded(a, b, EXACT: tl.constexpr):
+    """``a + b`` rounded on its own, never fused with the product that made ``a``."""
+    if EXACT:
+        return libdevice.add_rn(a, b)
+    return a + b
+
+
+@triton.jit
+def dequant_tile(
+    w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr,
+    n, k, n_ok, k_ok, K, stride_wn, stride_wk,
+    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr,
+):  # fmt: skip
+    """fp32 W[n, k] of a quantized weight, 0 outside ``n_ok & k_ok``. n, k: integer index
+    tensors that broadcast to the tile (e.g. ``cols[None, :]`` and ``ks[:, None]``); n_ok and
+    k_ok: their bounds, shaped like them."""
+    n = n.to(tl.int64)
+    mask = n_ok & k_ok
+    if WQ == _INT8:
+        cb = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0)
+        scb = tl.load(qs_ptr + n, mask=n_ok, other=0.0)
+        w = (cb.to(tl.float32) * scb) * _INT8_SCALE
+    else:
+        e = n * K + k
+        byte = tl.load(w_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)
+        nibble = (byte >> (((e & 1) ^ 1) * 4).to(tl.int32)) & 0xF
+        value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
+        block = e // QBLOCK
+        if WQ == _NF4_DQ:
+            q = tl.load(qs_ptr + block, mask=mask, other=0).to(tl.int32)
+            absmax = tl.load(ncode_ptr + q, mask=mask, other=0.0)
+            absmax = absmax * tl.load(nabs_ptr + block // NQBLOCK, mask=mask, other=0.0)
+            absmax = _add_rounded(absmax, tl.load(off_ptr), _EXACT_ADD)
+        else:
+            absmax = tl.load(qs_ptr + block, mask=mask, other=0.0)
+        w = value * absmax
+    return w
+
+
+@triton.autotune(
+    configs=configs(
+        [cfg(4, 1, BLOCK_N=16, BLOCK_K=256), cfg(4, 1, BLOCK_N=32, BLOCK_K=256), cfg(8, 1, BLOCK_N=64, BLOCK_K=256)],
+        cfg(1, 1, BLOCK_N=16, BLOCK_K=32),
+    ),
+    key=["N", "K", "WQ", "QBLOCK"],
+)
+@triton.jit
+def _dequantize_kernel(
+    w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr, out_ptr,
+    N, K, stride_wn, stride_wk, stride_on, stride_ok,
+    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out (N, K) = W in out's dtype, one (BLOCK_N, BLOCK_K) tile per program."""
+    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = (n < N)[:, None]
+    k_ok = (k < K)[None, :]
+    w = dequant_tile(
+        w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr,
+        n[:, None], k[None, :], n_ok, k_ok, K, stride_wn, stride_wk, WQ, QBLOCK, NQBLOCK,
+    )  # fmt: skip
+    out_ptrs = out_ptr + n[:, None] * stride_on + k[None, :] * stride_ok
+    tl.store(out_ptrs, round_to(w, out_ptr.dtype.element_ty), mask=n_ok & k_ok)
+
+
+def dequantize(weight: QuantWeight, out: torch.Tensor) -> torch.Tensor:
+    """Write W (N, K) into ``out`` ((N, K), fp32/fp16/bf16, any strides) and return it: the
+    scratch route's dequantization, the same values as ``fastlora.quant``'s ``dequantize()``."""
+    N, K = weight.shape
+    if tuple(out.shape) != (N, K):
+        raise ValueError(f"out shape {tuple(out.shape)} != weight shape {(N, K)}")
+    if out.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"out must be float32, float16 or bfloat16, got {out.dtype}")
+    ptrs, strides, meta = weight_operands(weight)
+    grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(K, m["BLOCK_K"]))
+    wrap_triton(_dequantize_kernel)[grid](*ptrs, out, N, K, *strides, out.stride(0), out.stride(1), **meta)
+    return out
