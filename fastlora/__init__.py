@@ -14,7 +14,15 @@ from .adapters import (
     save_adapter,
     set_adapter,
 )
-from .functional import available_backends, dropout_mask, get_backend, lora_linear, set_backend
+from .functional import (
+    available_backends,
+    dropout_mask,
+    get_backend,
+    get_quant_route,
+    lora_linear,
+    set_backend,
+    set_quant_route,
+)
 from .nn import LoRALinear, inject, lora_layers, merge, print_trainable_parameters, unmerge
 from .peft import patch_peft, unpatch_peft
 from .quant import Int8Weight, NF4Weight, quantize
@@ -41,6 +49,7 @@ __all__ = [
     "available_backends",
     "dropout_mask",
     "get_backend",
+    "get_quant_route",
     "inject",
     "lora_layers",
     "lora_linear",
@@ -48,6 +57,7 @@ __all__ = [
     "patch_peft",
     "print_trainable_parameters",
     "set_backend",
+    "set_quant_route",
     "unmerge",
     "unpatch_peft",
 ]

@@ -12,8 +12,6 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .quant import dequantize_scratch
-
 
 class LoRAFunction(torch.autograd.Function):
     """``y = x W^T + bias + scale * (dropout(x) A^T) B^T`` with a seeded, regenerated mask.
@@ -35,12 +33,15 @@ class LoRAFunction(torch.autograd.Function):
         p: float,
         seed: int,
         backend: ModuleType,
+        quant_route: str = "auto",
     ) -> Tensor:
-        # A quantized base is dequantized into the shared scratch buffer here and again in
-        # backward; no dequantized copy is kept per layer or saved for backward.
+        # A quantized base is dequantized here and again in backward, by the backend's route
+        # (into the shared scratch buffer, or tile by tile inside its kernels); no dequantized
+        # copy is kept per layer or saved for backward.
         quant = None if isinstance(weight, Tensor) else weight
-        W = weight if quant is None else dequantize_scratch(quant, x.dtype)
-        y, z = backend.forward(x.reshape(-1, x.shape[-1]), W, bias, lora_A, lora_B, scale, p, seed)
+        x2 = x.reshape(-1, x.shape[-1])
+        W = weight if quant is None else backend.prepare_weight(quant, x2.shape[0], x.dtype, quant_route)
+        y, z = backend.forward(x2, W, bias, lora_A, lora_B, scale, p, seed)
         del W
         need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
         need_z = ctx.needs_input_grad[4]
@@ -49,7 +50,7 @@ class LoRAFunction(torch.autograd.Function):
         seed_t = seed if isinstance(seed, Tensor) else None
         saved_W = None if quant else weight
         ctx.save_for_backward(x if need_x else None, z if need_z else None, saved_W, lora_A, lora_B, seed_t)
-        ctx.quant, ctx.x_shape = quant, x.shape
+        ctx.quant, ctx.quant_route, ctx.x_shape = quant, quant_route, x.shape
         ctx.scale, ctx.p, ctx.backend = scale, p, backend
         ctx.seed = None if seed_t is not None else seed
         # (M, N): the caller views it as (..., N). A view made here would make the output a
@@ -62,14 +63,14 @@ class LoRAFunction(torch.autograd.Function):
         nig = ctx.needs_input_grad
         needs = (nig[0], nig[1], nig[2], nig[3], nig[4])
         if not any(needs):
-            return (None,) * 9
+            return (None,) * 10
         g = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.quant is not None:
-            weight = dequantize_scratch(ctx.quant, g.dtype)
+            weight = ctx.backend.prepare_weight(ctx.quant, g.shape[0], g.dtype, ctx.quant_route)
         x2 = None if x is None else x.reshape(-1, x.shape[-1])
         dx, dW, db, dA, dB = ctx.backend.backward(
             g, x2, z, weight, lora_A, lora_B, ctx.scale, ctx.p, ctx.seed if seed_t is None else seed_t, needs
         )
         if dx is not None:
             dx = dx.view(ctx.x_shape)
-        return dx, dW, db, dA, dB, None, None, None, None
+        return dx, dW, db, dA, dB, None, None, None, None, None

@@ -37,6 +37,10 @@ def get_backend() -> str:
     return _backend
 
 
+set_quant_route = backends.set_quant_route
+get_quant_route = backends.get_quant_route
+
+
 def _check_backend_name(name: str) -> None:
     if not isinstance(name, str) or name not in _BACKEND_NAMES:
         raise ValueError(f"backend must be one of {_BACKEND_NAMES}, got {name!r}")
@@ -214,5 +218,6 @@ def lora_linear(
         return reference.lora_linear_ref(x, weight, lora_A, lora_B, float(scale), bias, mask, p)
     mod = backends.load(name)
     with torch.autocast(device.type, enabled=False):
-        y = LoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), p, seed, mod)
+        route = backends.get_quant_route()
+        y = LoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), p, seed, mod, route)
     return y.view(*x.shape[:-1], y.shape[-1])

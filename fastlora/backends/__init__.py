@@ -1,14 +1,22 @@
 """Backend table: one module per backend, one contract.
 
-Every backend module exposes the same three functions, called by
+Every backend module exposes the same four functions, called by
 :class:`fastlora.autograd.LoRAFunction` on 2-D, same-dtype, same-device tensors:
+
+``prepare_weight(weight, M, dtype, route) -> Tensor | object``
+    What ``forward`` / ``backward`` take as ``weight`` for a quantized base (a
+    ``fastlora.quant`` weight) at M rows of ``dtype``: a dense (N, K) tensor in ``dtype`` (the
+    "scratch" route: dequantized into the shared scratch buffer, valid for one op), or a
+    backend-specific handle whose codes the kernels dequantize in registers (the "fused"
+    route). ``route`` is "auto", "fused" or "scratch" (:func:`set_quant_route`); a backend
+    without a fused route always takes the scratch one.
 
 ``dropout_mask(M, K, p, seed, device) -> BoolTensor (M, K)``
     The keep-mask (True = kept) of the seeded dropout generator (see ``fastlora/_philox.py``
     for the bit-exact definition shared by every backend).
 
 ``forward(x, weight, bias, lora_A, lora_B, scale, p, seed) -> (y, z)``
-    ``x: (M, K)``, ``weight: (N, K)``, ``bias: (N,) | None``, ``lora_A: (r, K)``,
+    ``x: (M, K)``, ``weight: (N, K)`` (or what ``prepare_weight`` returned), ``bias: (N,) | None``, ``lora_A: (r, K)``,
     ``lora_B: (N, r)``. Returns ``y = x W^T + bias + scale * z B^T`` of shape (M, N) and
     ``z = dropout(x) A^T`` of shape (M, r) (unscaled, x's dtype). ``p == 0`` means no dropout.
 
@@ -50,6 +58,25 @@ def load(name: str) -> ModuleType | None:
             _loaded[name] = None
             _warn_once(f"import-{name}", f"fastlora: backend {name!r} unavailable ({exc}); using 'torch'")
     return _loaded[name]
+
+
+QUANT_ROUTES = ("auto", "fused", "scratch")
+_quant_route = "auto"
+
+
+def set_quant_route(route: str) -> None:
+    """How kernel backends read a quantized base weight (see ``prepare_weight`` above):
+    "fused" (dequantize W tiles in registers inside the GEMMs), "scratch" (dequantize W into one
+    reused buffer, then the dense GEMM) or "auto" (per shape; the backend's rule)."""
+    global _quant_route
+    if route not in QUANT_ROUTES:
+        raise ValueError(f"quant route must be one of {QUANT_ROUTES}, got {route!r}")
+    _quant_route = route
+
+
+def get_quant_route() -> str:
+    """The process-wide quantized-base route ("auto" unless changed)."""
+    return _quant_route
 
 
 def usable(name: str, device: torch.device) -> bool:

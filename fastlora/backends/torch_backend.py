@@ -12,10 +12,17 @@ import torch
 from torch import Tensor
 
 from .. import _philox
+from ..quant import dequantize_scratch
 
 
 def is_available(device: torch.device) -> bool:
     return True
+
+
+def prepare_weight(weight, M: int, dtype: torch.dtype, route: str) -> Tensor:
+    """Always the scratch route: the C++ (CPU) or PyTorch dequantization into the shared buffer,
+    then ATen's GEMM; there are no in-register kernels to fuse it into."""
+    return dequantize_scratch(weight, dtype)
 
 
 def _fused(t: Tensor, p: float) -> bool:

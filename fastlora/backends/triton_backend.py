@@ -19,6 +19,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ..quant import NF4Weight, scratch_buffer
+
 
 def _import_kernels() -> ModuleType:
     try:
@@ -79,6 +81,39 @@ def _fwd_op(
     return tk.lora_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, fuse_shrink)
 
 
+def _fwd_quant_fake(x, qtensors, qmeta, bias, lora_A, lora_B, scale, p, seed, fuse):
+    return x.new_empty((x.shape[0], qmeta[1])), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+# The quantized ops take a QuantWeight as ``QuantWeight.flat()``: its six tensor fields as one
+# Tensor?[] list and its ints (kind, N, K, blocksize, nested blocksize) as another.
+@_register("triton_lora_fwd_quant", _fwd_quant_fake)
+def _fwd_quant_op(
+    x: Tensor,
+    qtensors: list[Tensor | None],
+    qmeta: list[int],
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    p: float,
+    seed: int,
+    fuse_shrink: bool,
+) -> tuple[Tensor, Tensor]:
+    qw = tk.QuantWeight.from_flat(qtensors, qmeta)
+    return tk.lora_forward(x, qw, bias, lora_A, lora_B, scale, p, seed, fuse_shrink)
+
+
+def _dequantize_fake(qtensors, qmeta, dtype):
+    return qtensors[0].new_empty((qmeta[1], qmeta[2]), dtype=dtype)
+
+
+@_register("triton_dequantize", _dequantize_fake)
+def _dequantize_op(qtensors: list[Tensor | None], qmeta: list[int], dtype: torch.dtype) -> Tensor:
+    qw = tk.QuantWeight.from_flat(qtensors, qmeta)
+    return tk.dequantize(qw, torch.empty(qw.shape, dtype=dtype, device=qw.device))
+
+
 def _dz_dB_fake(g, z, lora_B, scale, need_dz):
     R = lora_B.shape[1]
     dz = g.new_empty((g.shape[0], R), dtype=torch.float32) if need_dz else g.new_empty((0,))
@@ -97,6 +132,17 @@ def _dx_fake(g, dz, weight, lora_A, p, seed):
 @_register("triton_lora_bwd_dx", _dx_fake)
 def _dx_op(g: Tensor, dz: Tensor, weight: Tensor, lora_A: Tensor, p: float, seed: int) -> Tensor:
     return tk.lora_bwd_dx(g, dz, weight, lora_A, p, seed)
+
+
+def _dx_quant_fake(g, dz, qtensors, qmeta, lora_A, p, seed):
+    return g.new_empty((g.shape[0], qmeta[2]))
+
+
+@_register("triton_lora_bwd_dx_quant", _dx_quant_fake)
+def _dx_quant_op(
+    g: Tensor, dz: Tensor, qtensors: list[Tensor | None], qmeta: list[int], lora_A: Tensor, p: float, seed: int
+) -> Tensor:
+    return tk.lora_bwd_dx(g, dz, tk.QuantWeight.from_flat(qtensors, qmeta), lora_A, p, seed)
 
 
 def _dA_fake(dz, x, p, seed):
@@ -121,6 +167,54 @@ def dropout_mask(M: int, K: int, p: float, seed: int, device: torch.device) -> T
     return tk.keep_mask(M, K, p, seed, torch.device(device))
 
 
+# Up to this many rows a quantized base is read by the GEMMs themselves, its W tiles dequantized
+# in registers (the "fused" route, which also computes z inside F2: one launch for decode);
+# above it W is dequantized into the shared scratch buffer and the dense kernels run (the
+# "scratch" route: at training sizes the GEMM is compute-bound and the tensor-core loop should
+# not carry dequantization work). 64 is bitsandbytes' choice on H100 (DESIGN.md section 5),
+# not yet a measurement of these kernels: the benchmark suite's nf4 cases time both routes
+# (rows fastlora-triton-fused and fastlora-triton-scratch), and this follows what they show.
+FUSED_MAX_M = 64
+
+
+def _kernel_weight(weight) -> tk.QuantWeight:
+    """The kernels' view of a ``fastlora.quant`` weight: the same tensors, no copy."""
+    q = tk.quant
+    if isinstance(weight, NF4Weight):
+        return tk.QuantWeight(
+            q.NF4_DQ if weight.double_quant else q.NF4,
+            tuple(weight.shape),
+            weight.packed,
+            weight.absmax,
+            weight.code,
+            weight.nested_absmax,
+            weight.nested_code,
+            weight.offset,
+            weight.blocksize,
+            weight.nested_blocksize,
+        )
+    return tk.QuantWeight(q.INT8, tuple(weight.shape), weight.CB, weight.SCB)
+
+
+def _route(route: str, M: int) -> str:
+    if route == "auto":
+        return "fused" if M <= FUSED_MAX_M else "scratch"
+    return route
+
+
+def prepare_weight(weight, M: int, dtype: torch.dtype, route: str) -> Tensor | tk.QuantWeight:
+    """A quantized base for M rows of ``dtype``: its codes as a :class:`QuantWeight` for the
+    fused kernels, or (scratch route) W dequantized by the Triton kernel into the shared
+    scratch buffer (a fresh tensor under torch.compile)."""
+    tk.common.check_dtype(torch.empty((), dtype=dtype))
+    qw = _kernel_weight(weight)
+    if _route(route, M) == "fused":
+        return qw
+    if torch.compiler.is_compiling():
+        return torch.ops.fastlora.triton_dequantize(*qw.flat(), dtype)
+    return tk.dequantize(qw, scratch_buffer(qw.shape, dtype, qw.device))
+
+
 def _host_seed(seed: int | Tensor) -> int:
     # The kernels take the seed as a launch argument. A seed drawn inside a compiled graph (a
     # tensor) is read here, which costs a graph break under torch.compile with dropout on the GPU;
@@ -138,9 +232,13 @@ def forward(
     p: float,
     seed: int,
 ) -> tuple[Tensor, Tensor]:
-    """x: (M, K), weight: (N, K), bias: (N,) | None, lora_A: (r, K), lora_B: (N, r) ->
-    (y: (M, N), z: (M, r)); F1 shrink then F2 base GEMM with the rank-r tail."""
+    """x: (M, K), weight: (N, K) or a QuantWeight from :func:`prepare_weight`, bias: (N,) | None,
+    lora_A: (r, K), lora_B: (N, r) -> (y: (M, N), z: (M, r)); F1 shrink then F2 base GEMM with
+    the rank-r tail (a quantized W at small M: z computed inside F2, one launch)."""
     seed = _host_seed(seed)
+    if isinstance(weight, tk.QuantWeight):
+        fuse = x.shape[0] <= FUSED_MAX_M and tk.common.rank_pad(lora_A.shape[0]) <= 128
+        return torch.ops.fastlora.triton_lora_fwd_quant(x, *weight.flat(), bias, lora_A, lora_B, scale, p, seed, fuse)
     return torch.ops.fastlora.triton_lora_fwd(x, weight, bias, lora_A, lora_B, scale, p, seed, False)
 
 
@@ -164,7 +262,9 @@ def backward(
     if need_dx or need_dA or need_dB:
         dz, dB = torch.ops.fastlora.triton_lora_bwd_dz_dB(g, z if need_dB else None, lora_B, scale, need_dx or need_dA)
         dB = dB if need_dB else None
-        if need_dx:
+        if need_dx and isinstance(weight, tk.QuantWeight):
+            dx = torch.ops.fastlora.triton_lora_bwd_dx_quant(g, dz, *weight.flat(), lora_A, p, seed)
+        elif need_dx:
             dx = torch.ops.fastlora.triton_lora_bwd_dx(g, dz, weight, lora_A, p, seed)
         if need_dA:
             dA = torch.ops.fastlora.triton_lora_bwd_dA(dz, x, p, seed)

@@ -41,6 +41,7 @@ __all__ = [
     "quantize_nf4",
     "dequantize_scratch",
     "release_scratch",
+    "scratch_buffer",
 ]
 
 
@@ -65,19 +66,25 @@ def quantize(weight: Tensor, kind: str = "nf4", blocksize: int = 64, double_quan
 _SCRATCH: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
 
-def dequantize_scratch(weight: QuantizedWeight, dtype: torch.dtype) -> Tensor:
-    """``weight.dequantize(dtype)`` written into the shared scratch buffer. The result is only
-    valid until the next call: use it for one op and drop it. Under torch.compile a fresh tensor
-    is returned (a global buffer mutated inside a graph is not worth the trouble)."""
-    if torch.compiler.is_compiling():
-        return weight.dequantize(dtype)
-    N, K = weight.shape
-    key = (dtype, weight.device)
+def scratch_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A contiguous ``shape`` view of the shared scratch buffer of (dtype, device), grown when
+    too small. Valid until the next call: fill it, use it for one op, drop it."""
+    N, K = shape
+    key = (dtype, torch.device(device))
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < N * K:
         _SCRATCH.pop(key, None)  # free the smaller one first
-        buf = _SCRATCH[key] = torch.empty(N * K, dtype=dtype, device=weight.device)
-    return weight.dequantize(dtype, out=buf[: N * K].view(N, K))
+        buf = _SCRATCH[key] = torch.empty(N * K, dtype=dtype, device=device)
+    return buf[: N * K].view(N, K)
+
+
+def dequantize_scratch(weight: QuantizedWeight, dtype: torch.dtype) -> Tensor:
+    """``weight.dequantize(dtype)`` written into the shared scratch buffer (see
+    :func:`scratch_buffer`). Under torch.compile a fresh tensor is returned (a global buffer
+    mutated inside a graph is not worth the trouble)."""
+    if torch.compiler.is_compiling():
+        return weight.dequantize(dtype)
+    return weight.dequantize(dtype, out=scratch_buffer(tuple(weight.shape), dtype, weight.device))
 
 
 def release_scratch() -> None:
