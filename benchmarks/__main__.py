@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(report.format_table(rows))
+    quant = report.format_quant(rows)
+    if quant:
+        print("\n" + quant)
     path = report.write_results(rows, meta, out_dir)
     print(f"\nresults: {path} (rows also appended to {os.path.join(out_dir, 'history.jsonl')})")
     if not args.no_plot and rows:

@@ -204,8 +204,40 @@ register(
     Impl("peft", "peft", lambda d: None if _peft() else "peft is not installed", lambda bank, i: bank.peft_layers[i])
 )
 register(Impl("reference", "reference", _fastlora_available("reference"), _fastlora_layer("reference")))
-VARIANT_IMPLS = {"lora": None, "dora": ("base", "fastlora-torch", "fastlora-triton", "peft"),
-                 "nf4": ("base", "fastlora-torch", "fastlora-triton", "peft")}  # fmt: skip
+
+
+def _routed_layer(route: str) -> Callable[[Bank, int], Callable[[Tensor], Tensor]]:
+    """fastlora-triton with the quantized-base route forced (the route a forward takes is kept
+    for its backward, so setting it around the forward call is enough)."""
+
+    def build(bank: Bank, i: int) -> Callable[[Tensor], Tensor]:
+        import fastlora
+
+        f = _fastlora_layer("triton")(bank, i)
+
+        def call(x: Tensor) -> Tensor:
+            before = fastlora.get_quant_route()
+            fastlora.set_quant_route(route)
+            try:
+                return f(x)
+            finally:
+                fastlora.set_quant_route(before)
+
+        return call
+
+    return build
+
+
+# The two ways the Triton backend reads an NF4 base ("auto", row fastlora-triton, picks one by
+# M): W tiles dequantized in the GEMMs' registers, or W dequantized into one scratch buffer and
+# the dense GEMMs. Timing both across M is what sets FUSED_MAX_M in the Triton backend.
+for _route in ("fused", "scratch"):
+    register(Impl(f"fastlora-triton-{_route}", "fastlora", _fastlora_available("triton"), _routed_layer(_route)))
+# which implementations each variant times (the route rows only mean something on a quantized base)
+VARIANT_IMPLS = {"lora": ("base", "fastlora-torch", "fastlora-triton", "fastlora-cuda", "peft", "reference"),
+                 "dora": ("base", "fastlora-torch", "fastlora-triton", "peft"),
+                 "nf4": ("base", "fastlora-torch", "fastlora-triton", "fastlora-triton-fused",
+                         "fastlora-triton-scratch", "peft")}  # fmt: skip
 
 
 def usable_impls(device: torch.device) -> tuple[list[Impl], list[str]]:
@@ -250,7 +282,8 @@ def op_cases(device: torch.device, suite: str, quick: bool = False) -> list[OpCa
     if quick:
         head = [OpCase(128, 64, 64, 8, p, "float32") for p in (0.0, 0.1)]
         sweep = [OpCase(M, 64, 64, r, 0.1, "float32", ("fwdbwd",)) for r in (4, 8) for M in (64, 128)]
-        return _dedupe(head + sweep)
+        nf4 = [OpCase(128, 64, 64, 8, 0.0, "float32", ("fwdbwd",), variant="nf4")]
+        return _dedupe(head + sweep) + nf4
     if device.type == "cuda":
         if suite == "default":
             kn = ((4096, 4096), (4096, 14336), (14336, 4096))
@@ -258,7 +291,9 @@ def op_cases(device: torch.device, suite: str, quick: bool = False) -> list[OpCa
             dora = [OpCase(8192, 4096, 4096, 16, p, "bfloat16", variant="dora") for p in (0.0, 0.1)]
             nf4 = [OpCase(8192, 4096, 4096, 16, 0.0, "bfloat16", variant="nf4")]
             decode = [OpCase(M, 4096, 4096, 16, 0.0, "bfloat16", ("fwd",), variant="nf4") for M in (1, 16)]
-            return lora + dora + nf4 + decode
+            # the fused / scratch crossover (FUSED_MAX_M) lies somewhere in here
+            cross = [OpCase(M, 4096, 4096, 16, 0.0, "bfloat16", variant="nf4") for M in (64, 256, 1024)]
+            return lora + dora + nf4 + decode + cross
         base = dict(M=8192, K=4096, N=4096, r=16, dtype="bfloat16")
         return _dedupe(
             _grid(

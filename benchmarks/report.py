@@ -50,6 +50,69 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------- quantized bases
+_SHAPE = ("M", "K", "N", "r", "p", "dtype", "bias", "mode")
+
+
+def _dense_impl(impl: str) -> str:
+    """The dense-base row an NF4 row is held against: a forced route is still fastlora-triton."""
+    for route in ("-fused", "-scratch"):
+        if impl.endswith(route):
+            return impl[: -len(route)]
+    return impl
+
+
+def quant_summary(rows: list[dict]) -> list[dict]:
+    """One entry per fastlora row on an NF4 base (the issue #4 targets): its time over the same
+    backend's on the dense base of the same shape and dtype (``x_dense``, a ratio of medians
+    from two cases, so not paired by round; None when the suite has no such dense case), its
+    ratio to the frozen dense base linear (``x_base``: for fwd at M <= 16 that is the decode
+    target against F.linear) and its speedup over PEFT on a bitsandbytes Linear4bit."""
+    op = [r for r in rows if r["kind"] == "op"]
+    dense = {(*(r[f] for f in _SHAPE), r["impl"]): r for r in op if r["variant"] == "lora"}
+    out = []
+    for r in op:
+        if r["variant"] != "nf4" or r["family"] != "fastlora":
+            continue
+        d = dense.get((*(r[f] for f in _SHAPE), _dense_impl(r["impl"])))
+        out.append(
+            {
+                "row": r,
+                "x_dense": r["median_ms"] / d["median_ms"] if d else None,
+                "x_base": r["ratio_to_base"],
+                "x_peft": r["speedup_vs_peft"],
+            }
+        )
+    return out
+
+
+def format_quant(rows: list[dict]) -> str:
+    """The NF4 rows against the dense-base fastlora, the frozen base and PEFT + bitsandbytes
+    (empty when the run had no NF4 case)."""
+    summary = quant_summary(rows)
+    if not summary:
+        return ""
+    hdr = (
+        f"{'NF4 base: impl':<24} {'shape MxKxN':<17} {'dtype':<9} {'r':>4} {'mode':<7} {'median ms':>10} "
+        f"{'x dense':>8} {'x base':>7} {'x PEFT':>7} {'peak MiB':>9}"
+    )
+    out = [hdr, "-" * len(hdr)]
+    for s in summary:
+        r = s["row"]
+        shape = f"{r['M']}x{r['K']}x{r['N']}"
+        out.append(
+            f"{r['impl']:<24} {shape:<17} {r['dtype']:<9} "
+            f"{r['r']:>4} {r['mode']:<7} {r['median_ms']:>10.3f} {_f(s['x_dense'], '.3f'):>8} "
+            f"{_f(s['x_base'], '.3f'):>7} {_f(s['x_peft'], '.2f'):>7} {_f(r['peak_mem_mib'], '.0f'):>9}"
+        )
+    out.append(
+        "x dense: time / the same backend on the dense base, same shape (targets: fwd+bwd <= 1.10 at training "
+        "shapes); x base: / the frozen dense linear (decode, fwd at M <= 16: <= 0.33); x PEFT: PEFT on a "
+        "bitsandbytes Linear4bit / this (>= 1.3)"
+    )
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------- JSON
 def write_results(rows: list[dict], meta: dict, out_dir: str) -> str:
     """Write ``<suite>.json`` (this run: meta + rows, overwritten) and append every row, with its

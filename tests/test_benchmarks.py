@@ -89,6 +89,30 @@ def test_saved_bytes_follow_the_save_policy(quick):
         assert r["saved_vs_peft"] < 1
 
 
+def test_nf4_rows_and_summary(quick):
+    """The NF4 case: fastlora on the quantized base saves what it saves on a dense one (no
+    dequantized W kept for backward), and the summary holds it against the dense-base case."""
+    _, rows = quick
+    nf4 = [r for r in rows if r["kind"] == "op" and r["variant"] == "nf4"]
+    assert {r["impl"] for r in nf4} >= {"base", "fastlora-torch"}
+    summary = report.quant_summary(rows)
+    assert [s["row"] for s in summary] == [r for r in nf4 if r["family"] == "fastlora"]
+    for s in summary:
+        r = s["row"]
+        dense = next(
+            d
+            for d in rows
+            if d["kind"] == "op" and d["variant"] == "lora" and d["impl"] == r["impl"] and d["mode"] == r["mode"]
+            and all(d[f] == r[f] for f in ("M", "K", "N", "r", "p", "dtype", "bias"))
+        )  # fmt: skip
+        assert s["x_dense"] == r["median_ms"] / dense["median_ms"]
+        assert r["saved_bytes"] == dense["saved_bytes"]
+        assert s["x_base"] == r["ratio_to_base"] > 0
+    text = report.format_quant(rows)
+    assert text.splitlines()[0].startswith("NF4 base: impl") and "fastlora-torch" in text
+    assert report.format_quant([r for r in rows if r.get("variant") != "nf4"]) == ""
+
+
 def test_plot_writes_pngs(quick, tmp_path):
     _, rows = quick
     paths = report.plot(rows, str(tmp_path), "t_")
