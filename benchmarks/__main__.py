@@ -21,6 +21,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--quick", action="store_true", help="tiny shapes and few repetitions (a smoke test, not a measurement)"
     )
     ap.add_argument("--out", help="results folder (default benchmarks/results/<device>/; a temp folder with --quick)")
+    ap.add_argument(
+        "--only",
+        metavar="TEXT",
+        action="append",
+        help="run only the cases whose name contains TEXT (repeatable: any of them), e.g. nf4",
+    )
     ap.add_argument("--no-plot", action="store_true", help="skip the matplotlib plots")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end Llama training steps")
     ap.add_argument("--compare", metavar="FILE", help="a results JSON to check this run against for slowdowns")
@@ -90,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     impls, notes = cases.usable_impls(device)
     op_list = cases.op_cases(device, args.suite, args.quick)
     e2e_list = [] if args.no_e2e else e2e.e2e_configs(device, args.suite, args.quick)
+    if args.only:
+        op_list = [c for c in op_list if any(t in c.name for t in args.only)]
+        e2e_list = [c for c in e2e_list if any(t in c.name for t in args.only)]
     print(f"fastlora benchmarks: suite={suite} device={meta['device']} commit={meta['commit'][:12]}")
     print(f"implementations: {', '.join(i.name for i in impls)}")
     for n in notes:

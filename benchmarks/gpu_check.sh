@@ -3,7 +3,11 @@
 # when it compiles), run the test suite compiled on the GPU (Triton kernels not interpreted, the
 # 2^31-element shape included), run the benchmark suite, and pack the results.
 #
-#   bash benchmarks/gpu_check.sh [all|tests|bench]
+#   bash benchmarks/gpu_check.sh [all|tests|bench|quant]
+#
+# quant: issue #4 only, for a short device lease: the quantization tests (csrc/cuda and the
+# compiled Triton NF4/int8 paths) and the NF4 benchmark cases. TEST_ARGS / BENCH_ARGS (env)
+# replace the test selection / add benchmark flags, e.g. BENCH_ARGS="--no-e2e".
 #
 # On the lent GPU machine (no registry): carry a bitsandbytes wheel in .whl/ (see README) so the
 # NF4 comparisons run; logs and benchmarks/results/ are packed into $OUT (or /tmp/fastlora-gpu).
@@ -28,13 +32,22 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/build.
 	FASTLORA_NO_CUDA=1 python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$out/build.log" 2>&1 || exit 1
 fi
 
+tests=${TEST_ARGS:-tests}
+bench=${BENCH_ARGS:-}
+if [ "$what" = quant ]; then
+	tests=${TEST_ARGS:-tests/test_quant.py tests/test_quant_ext.py tests/test_quant_layers.py tests/test_triton_quant.py}
+	# the NF4 cases, and the dense case their "x dense" is taken against
+	bench="--only nf4 --only M8192-K4096-N4096-r16-p0-bfloat16 --no-e2e $bench"
+fi
 rc=0
 if [ "$what" != bench ]; then
-	python3 -m pytest tests -q -ra -p no:cacheprovider --junitxml="$out/junit.xml" 2>&1 | tee "$out/tests.log"
+	# shellcheck disable=SC2086  # word splitting of the selections is intended
+	python3 -m pytest $tests -q -ra -p no:cacheprovider --junitxml="$out/junit.xml" 2>&1 | tee "$out/tests.log"
 	[ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" != tests ]; then
-	python3 -m benchmarks --device cuda 2>&1 | tee "$out/bench.log"
+	# shellcheck disable=SC2086
+	python3 -m benchmarks --device cuda $bench 2>&1 | tee "$out/bench.log"
 	[ "${PIPESTATUS[0]}" = 0 ] || rc=1
 	tar czf "$out/results.tgz" benchmarks/results
 fi

@@ -165,3 +165,12 @@ def test_cli_compare_exit_code(quick, tmp_path):
             "--fail-on-regression",
         ]
         assert main(argv) == expected, name
+
+
+def test_only_selects_cases_by_name(tmp_path):
+    out = tmp_path / "only"
+    assert main(["--quick", "--no-plot", "--device", "cpu", "--only", "nf4", "--only", "llama", "--out", str(out)]) == 0
+    rows = report.load_rows(str(out / "quick.json"))
+    assert {r["kind"] for r in rows} == {"op", "e2e"}
+    assert all("nf4" in r["case"] for r in rows if r["kind"] == "op")
+    assert all("llama" in r["case"] for r in rows if r["kind"] == "e2e")
