@@ -21,7 +21,10 @@ from torch import Tensor, nn
 
 from . import harness
 
-MODES = ("fwd", "fwdbwd")
+MODES = ("fwd", "fwdbwd")  # a case's default modes
+# "infer": the forward under torch.no_grad() (inference / decode: nothing recorded or saved)
+ALL_MODES = (*MODES, "infer")
+NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # blocksize 64, double quant (DESIGN.md 5)
 
 
 @dataclass(frozen=True)
@@ -234,10 +237,33 @@ def _routed_layer(route: str) -> Callable[[Bank, int], Callable[[Tensor], Tensor
 for _route in ("fused", "scratch"):
     register(Impl(f"fastlora-triton-{_route}", "fastlora", _fastlora_available("triton"), _routed_layer(_route)))
 # which implementations each variant times (the route rows only mean something on a quantized base)
+
+
+def _gemv_layer(bank: Bank, i: int) -> Callable[[Tensor], Tensor]:
+    from fastlora.quant import nf4_linear
+
+    W, A, B, s = bank.qweight[i], bank.A[i], bank.B[i], bank.scale
+    return lambda x: torch.addmm(nf4_linear(x, W), x @ A.t(), B.t(), alpha=s)
+
+
+def _gemv_available(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "the fused NF4 GEMV is a CUDA kernel"
+    try:
+        from fastlora.quant import _ops
+    except Exception as exc:
+        return f"fastlora does not import ({exc})"
+    return None if _ops.op("nf4_linear", device) else "the CUDA extension (csrc/cuda) is not built"
+
+
+# csrc/cuda's NF4 GEMV for the base (one read of the 4-bit W; it runs without autograd, so in
+# "infer" mode at M <= 16; elsewhere nf4_linear falls back to dequantize + F.linear) plus an
+# unfused ATen LoRA branch (p = 0): what decode with an adapter costs on that kernel.
+register(Impl("nf4-gemv", "fastlora", _gemv_available, _gemv_layer))
 VARIANT_IMPLS = {"lora": ("base", "fastlora-torch", "fastlora-triton", "fastlora-cuda", "peft", "reference"),
                  "dora": ("base", "fastlora-torch", "fastlora-triton", "peft"),
                  "nf4": ("base", "fastlora-torch", "fastlora-triton", "fastlora-triton-fused",
-                         "fastlora-triton-scratch", "peft")}  # fmt: skip
+                         "fastlora-triton-scratch", "nf4-gemv", "peft")}  # fmt: skip
 
 
 def usable_impls(device: torch.device) -> tuple[list[Impl], list[str]]:
@@ -271,7 +297,7 @@ def _dedupe(cases: list[OpCase]) -> list[OpCase]:
     for c in cases:
         key = (c.M, c.K, c.N, c.r, c.p, c.dtype, c.bias, c.variant)
         if key in merged:
-            modes = tuple(m for m in MODES if m in merged[key].modes or m in c.modes)
+            modes = tuple(m for m in ALL_MODES if m in merged[key].modes or m in c.modes)
             c = replace(merged[key], modes=modes)
         merged[key] = c
     return list(merged.values())
@@ -282,7 +308,7 @@ def op_cases(device: torch.device, suite: str, quick: bool = False) -> list[OpCa
     if quick:
         head = [OpCase(128, 64, 64, 8, p, "float32") for p in (0.0, 0.1)]
         sweep = [OpCase(M, 64, 64, r, 0.1, "float32", ("fwdbwd",)) for r in (4, 8) for M in (64, 128)]
-        nf4 = [OpCase(128, 64, 64, 8, 0.0, "float32", ("fwdbwd",), variant="nf4")]
+        nf4 = [OpCase(128, 64, 64, 8, 0.0, "float32", ("fwdbwd", "infer"), variant="nf4")]
         return _dedupe(head + sweep) + nf4
     if device.type == "cuda":
         if suite == "default":
@@ -290,7 +316,7 @@ def op_cases(device: torch.device, suite: str, quick: bool = False) -> list[OpCa
             lora = [OpCase(8192, K, N, r, p, "bfloat16") for (K, N) in kn for r in (16, 64) for p in (0.0, 0.1)]
             dora = [OpCase(8192, 4096, 4096, 16, p, "bfloat16", variant="dora") for p in (0.0, 0.1)]
             nf4 = [OpCase(8192, 4096, 4096, 16, 0.0, "bfloat16", variant="nf4")]
-            decode = [OpCase(M, 4096, 4096, 16, 0.0, "bfloat16", ("fwd",), variant="nf4") for M in (1, 16)]
+            decode = [OpCase(M, 4096, 4096, 16, 0.0, "bfloat16", ("fwd", "infer"), variant="nf4") for M in (1, 16)]
             # the fused / scratch crossover (FUSED_MAX_M) lies somewhere in here
             cross = [OpCase(M, 4096, 4096, 16, 0.0, "bfloat16", variant="nf4") for M in (64, 256, 1024)]
             return lora + dora + nf4 + decode + cross
@@ -372,6 +398,13 @@ def run_case(
         f, x, g = layers[name], bank.x, bank.g
         if mode == "fwd":
             return lambda: f(x)
+        if mode == "infer":
+
+            def infer() -> object:
+                with torch.no_grad():
+                    return f(x)
+
+            return infer
 
         def step() -> None:
             bank.zero_grads()
@@ -416,7 +449,8 @@ def run_case(
                 "saved_qkv_vs_peft": _frac(saved_qkv, name, peft_name),
             }
             if device.type == "cuda":
-                row["gbps"] = harness.op_bytes(case.M, case.K, case.N, case.r, mode, lora, elt) / sec / 1e9
+                w_elt = NF4_BYTES_PER_PARAM if case.variant == "nf4" and lora else None
+                row["gbps"] = harness.op_bytes(case.M, case.K, case.N, case.r, mode, lora, elt, w_elt) / sec / 1e9
                 row["peak_mem_mib"] = harness.cuda_peak_bytes(fns[name], device) / harness.MiB
             rows.append(row)
     return rows, notes

@@ -190,17 +190,20 @@ def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
 def op_flops(M: int, K: int, N: int, r: int, mode: str, lora: bool) -> int:
     """Useful FLOPs of one layer (README "Formulas"). Base: fwd 2MNK, bwd 2MNK (dx only, W is
     frozen). LoRA adds fwd 2Mr(K+N) (shrink + expand) and bwd 4Mr(K+N) (dz, dB, dA, dx tail)."""
-    base = 2 * M * N * K * (1 if mode == "fwd" else 2)
-    tail = (2 if mode == "fwd" else 6) * M * r * (K + N) if lora else 0
+    fwd_only = mode != "fwdbwd"  # "fwd" and "infer"
+    base = 2 * M * N * K * (1 if fwd_only else 2)
+    tail = (2 if fwd_only else 6) * M * r * (K + N) if lora else 0
     return base + tail
 
 
-def op_bytes(M: int, K: int, N: int, r: int, mode: str, lora: bool, elt: int) -> int:
+def op_bytes(M: int, K: int, N: int, r: int, mode: str, lora: bool, elt: int, w_elt: float | None = None) -> int:
     """Compulsory memory traffic (README "Formulas"). Base fwd reads x, W and writes y; bwd
-    reads g, W and writes dx. LoRA adds A, B (fwd) and x again for dA, A, B, dA, dB (bwd)."""
-    fwd = M * K + N * K + M * N + (r * (K + N) if lora else 0)
-    bwd = M * N + N * K + M * K + (M * K + 2 * r * (K + N) if lora else 0)
-    return elt * (fwd + (bwd if mode == "fwdbwd" else 0))
+    reads g, W and writes dx. LoRA adds A, B (fwd) and x again for dA, A, B, dA, dB (bwd).
+    ``w_elt``: bytes per element of W when it is stored otherwise (NF4: 4.127 bits)."""
+    w = (elt if w_elt is None else w_elt) * N * K
+    fwd = elt * (M * K + M * N + (r * (K + N) if lora else 0)) + w
+    bwd = elt * (M * N + M * K + (M * K + 2 * r * (K + N) if lora else 0)) + w
+    return round(fwd + (bwd if mode == "fwdbwd" else 0))
 
 
 # --------------------------------------------------------------------------- metadata

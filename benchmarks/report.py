@@ -66,8 +66,8 @@ def quant_summary(rows: list[dict]) -> list[dict]:
     """One entry per fastlora row on an NF4 base (the issue #4 targets): its time over the same
     backend's on the dense base of the same shape and dtype (``x_dense``, a ratio of medians
     from two cases, so not paired by round; None when the suite has no such dense case), its
-    ratio to the frozen dense base linear (``x_base``: for fwd at M <= 16 that is the decode
-    target against F.linear) and its speedup over PEFT on a bitsandbytes Linear4bit."""
+    ratio to the frozen dense base linear (``x_base``: for "infer" at M <= 16 that is the
+    decode target against F.linear) and its speedup over PEFT on a bitsandbytes Linear4bit."""
     op = [r for r in rows if r["kind"] == "op"]
     dense = {(*(r[f] for f in _SHAPE), r["impl"]): r for r in op if r["variant"] == "lora"}
     out = []
@@ -107,7 +107,7 @@ def format_quant(rows: list[dict]) -> str:
         )
     out.append(
         "x dense: time / the same backend on the dense base, same shape (targets: fwd+bwd <= 1.10 at training "
-        "shapes); x base: / the frozen dense linear (decode, fwd at M <= 16: <= 0.33); x PEFT: PEFT on a "
+        "shapes); x base: / the frozen dense linear (decode, infer at M <= 16: <= 0.33); x PEFT: PEFT on a "
         "bitsandbytes Linear4bit / this (>= 1.3)"
     )
     return "\n".join(out)

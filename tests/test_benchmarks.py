@@ -56,7 +56,7 @@ def test_rows_carry_metadata_and_sane_values(quick):
     impls = {r["impl"] for r in op}
     assert {"base", "fastlora-torch", "reference"} <= impls and ("peft" in impls) == HAS_PEFT
     for r in op:
-        assert r["mode"] in ("fwd", "fwdbwd") and r["ratio_to_base"] > 0 and r["tflops"] > 0
+        assert r["mode"] in ("fwd", "fwdbwd", "infer") and r["ratio_to_base"] > 0 and r["tflops"] > 0
         if r["impl"] == "base":
             assert r["ratio_to_base"] == 1.0
         if HAS_PEFT:
@@ -97,17 +97,26 @@ def test_nf4_rows_and_summary(quick):
     assert {r["impl"] for r in nf4} >= {"base", "fastlora-torch"}
     summary = report.quant_summary(rows)
     assert [s["row"] for s in summary] == [r for r in nf4 if r["family"] == "fastlora"]
+    held = 0
     for s in summary:
         r = s["row"]
         dense = next(
-            d
-            for d in rows
-            if d["kind"] == "op" and d["variant"] == "lora" and d["impl"] == r["impl"] and d["mode"] == r["mode"]
-            and all(d[f] == r[f] for f in ("M", "K", "N", "r", "p", "dtype", "bias"))
+            (
+                d
+                for d in rows
+                if d["kind"] == "op" and d["variant"] == "lora" and d["impl"] == r["impl"] and d["mode"] == r["mode"]
+                and all(d[f] == r[f] for f in ("M", "K", "N", "r", "p", "dtype", "bias"))
+            ),
+            None,
         )  # fmt: skip
+        assert s["x_base"] == r["ratio_to_base"] > 0
+        if dense is None:  # the quick suite has no dense "infer" case
+            assert s["x_dense"] is None and r["mode"] == "infer"
+            continue
+        held += 1
         assert s["x_dense"] == r["median_ms"] / dense["median_ms"]
         assert r["saved_bytes"] == dense["saved_bytes"]
-        assert s["x_base"] == r["ratio_to_base"] > 0
+    assert held and {s["row"]["mode"] for s in summary} == {"fwdbwd", "infer"}
     text = report.format_quant(rows)
     assert text.splitlines()[0].startswith("NF4 base: impl") and "fastlora-torch" in text
     assert report.format_quant([r for r in rows if r.get("variant") != "nf4"]) == ""
@@ -174,3 +183,18 @@ def test_only_selects_cases_by_name(tmp_path):
     assert {r["kind"] for r in rows} == {"op", "e2e"}
     assert all("nf4" in r["case"] for r in rows if r["kind"] == "op")
     assert all("llama" in r["case"] for r in rows if r["kind"] == "e2e")
+
+
+def test_gemv_row_computes_the_lora_layer():
+    """The nf4-gemv row (timed on CUDA only) is the same layer as fastlora's on the NF4 base."""
+    import torch
+
+    from benchmarks import cases
+
+    case = cases.OpCase(16, 128, 96, 8, 0.0, "float32", ("infer",), variant="nf4")
+    bank = cases.make_bank(case, torch.device("cpu"))
+    with torch.no_grad():
+        got = cases.IMPLS["nf4-gemv"].layer(bank, 0)(bank.x)
+        want = cases.IMPLS["fastlora-torch"].layer(bank, 0)(bank.x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32: only summation order differs
+    assert cases.IMPLS["nf4-gemv"].available(torch.device("cpu")) == "the fused NF4 GEMV is a CUDA kernel"
