@@ -8,9 +8,9 @@
 //   scratch buffer and calls cuBLAS (bitsandbytes' choice for large M).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
@@ -78,7 +78,7 @@ void nf4_dequantize_into(const at::Tensor& packed, const at::Tensor& absmax, int
   const auto pc = packed.contiguous(), ac = absmax.contiguous();
   const int64_t groups = (n + 7) / 8;
   const int64_t blocks = std::min<int64_t>((groups + kDequantThreads - 1) / kDequantThreads, int64_t{1} << 20);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fastlora_dequantize_nf4_cuda", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const uint8_t* p = pc.const_data_ptr<uint8_t>();
@@ -252,9 +252,10 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   const int64_t M = K > 0 ? x.numel() / K : 0;
   const auto xc = x.reshape({M, K}).contiguous();
   const auto pc = packed.contiguous(), ac = absmax.contiguous();
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  int major = 0;  // the runtime query keeps cuBLAS/cuSPARSE headers (ATen/cuda/CUDAContext.h) out
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
   const bool fused = M >= 1 && M <= kMaxM && K % kKStep == 0 && N >= 1 && N <= INT32_MAX && K <= INT32_MAX &&
-                     (dt == at::kHalf || dt == at::kBFloat16) && prop->major >= 8 &&
+                     (dt == at::kHalf || dt == at::kBFloat16) && major >= 8 &&
                      aligned16(xc.const_data_ptr()) && aligned16(pc.const_data_ptr());
   if (!fused) {
     auto w = at::empty({N, K}, x.options());
@@ -265,7 +266,7 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   std::optional<at::Tensor> bc;
   if (bias.has_value()) bc = bias->contiguous();
   const dim3 grid(static_cast<unsigned>((N + kRows - 1) / kRows));
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "fastlora_nf4_linear_cuda", [&] {
     nf4_linear_kernel<scalar_t><<<grid, 32 * kWarps, 0, stream>>>(
         xc.const_data_ptr<scalar_t>(), pc.const_data_ptr<uint8_t>(), ac.const_data_ptr<float>(),
