@@ -181,6 +181,38 @@ def test_fused_tiles_equal_scratch_weight(kind, dtype):
     assert torch.equal(tk.lora_bwd_dx(g, dz, qw, A, p, SEED), tk.lora_bwd_dx(g, dz, W, A, p, SEED))
 
 
+@pytest.mark.parametrize("K", [512, 300], ids=["K512", "K300"])
+@pytest.mark.parametrize("block_k", [64, 256])
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+def test_tiles_wider_than_a_block(monkeypatch, blocksize, block_k, K):
+    """The GPU configs' K tiles (64 to 256) against NF4 blocks of 64 to 256: a row's tile spans
+    one block or several, and with K % blocksize != 0 blocks straddle rows, so every element
+    picks its own block's absmax from the few a row's tile touches. The interpreter's one
+    config (BLOCK_K=32) never spans two blocks; these force the wide tiles through the real
+    launchers, bit for bit against the scratch route on the same tiles."""
+    if not tk.common.INTERPRET:
+        pytest.skip("forces interpreter-sized tiles; compiled, the GPU configs run in the other tests")
+    cfg = tk.common.cfg
+    for kernel, config in (
+        (tk.quant._dequantize_kernel, cfg(1, 1, BLOCK_N=16, BLOCK_K=block_k)),
+        (tk.lora_fwd._lora_fwd_kernel, cfg(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, GROUP_M=2)),
+        (tk.lora_bwd._lora_bwd_dx_kernel, cfg(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, GROUP_M=2)),
+    ):
+        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "cache", {})
+    M, N, r, p = 19, 21, 5, 0.3
+    x, _, b, A, B, g = _inputs(M, K, N, r, torch.bfloat16)
+    q = _quantized("nf4", (N, K), True, blocksize, torch.bfloat16)
+    qw = _kernel_view(q)
+    W = tk.dequantize(qw, torch.full((N, K), float("nan"), dtype=torch.bfloat16, device=DEVICE))
+    assert torch.equal(W, q.dequantize(torch.bfloat16))
+    yq, zq = tk.lora_forward(x, qw, b, A, B, 0.5, p, SEED)
+    yd, zd = tk.lora_forward(x, W, b, A, B, 0.5, p, SEED)
+    assert torch.equal(yq, yd) and torch.equal(zq, zd)
+    dz = torch.randn(M, r, device=DEVICE)
+    assert torch.equal(tk.lora_bwd_dx(g, dz, qw, A, p, SEED), tk.lora_bwd_dx(g, dz, W, A, p, SEED))
+
+
 # ---------------------------------------------------------------- through lora_linear
 
 

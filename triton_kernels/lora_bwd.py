@@ -128,7 +128,7 @@ def _lora_bwd_dx_kernel(
     stride_ar, stride_ak, stride_dxm, stride_dxk,
     seed_lo, seed_hi, thresh, keep_scale,
     HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr,
+    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr, QALIGNED: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -177,8 +177,8 @@ def _lora_bwd_dx_kernel(
         else:
             w = dequant_tile(
                 w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr,
-                (n0 + ns)[:, None], cols[None, :], n_ok[:, None], k_ok[None, :], K, stride_wn, stride_wk,
-                WQ, QBLOCK, NQBLOCK,
+                (n0 + ns)[:, None], cols[None, :], n_ok[:, None], k_ok[None, :], K, k0, stride_wn, stride_wk,
+                WQ, QBLOCK, NQBLOCK, QALIGNED, BLOCK_K,
             )  # fmt: skip
             w = round_to(w, g_ptr.dtype.element_ty)
         # dx_base = g W

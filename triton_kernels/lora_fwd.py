@@ -127,7 +127,7 @@ def _lora_fwd_kernel(
     scale, seed_lo, seed_hi, thresh, keep_scale,
     HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ALIGNED: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr,
+    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr, QALIGNED: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -182,8 +182,8 @@ def _lora_fwd_kernel(
         else:
             wt = dequant_tile(
                 w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr,
-                cols[None, :], (k0 + ks)[:, None], n_ok[None, :], k_ok[:, None], K, stride_wn, stride_wk,
-                WQ, QBLOCK, NQBLOCK,
+                cols[None, :], (k0 + ks)[:, None], n_ok[None, :], k_ok[:, None], K, k0, stride_wn, stride_wk,
+                WQ, QBLOCK, NQBLOCK, QALIGNED, BLOCK_K,
             )  # fmt: skip
             wt = round_to(wt, x_ptr.dtype.element_ty)
         acc = mma(x, wt, acc, UPCAST, IEEE)

@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from triton.language.extra import libdevice
 
 from .common import INTERPRET, cfg, configs, round_to
 
@@ -35,7 +34,7 @@ _INT8_SCALE = tl.constexpr(7.874015718698502e-3)  # bitsandbytes' 1/127, applied
 
 # The compiled kernels may contract ``a * b + c`` into one FMA (one rounding instead of the two
 # that fastlora.quant's host code makes); the double-quant sum goes through an explicitly
-# rounded add there. The interpreter (numpy) never contracts, and has no libdevice.
+# rounded add there. The interpreter (numpy) never contracts, and runs no inline PTX.
 _EXACT_ADD = tl.constexpr(not INTERPRET and torch.version.hip is None)
 
 
@@ -79,33 +78,92 @@ def weight_operands(weight: torch.Tensor | QuantWeight) -> tuple[tuple, tuple[in
     """The W arguments of F2 / B2 / the dequantize kernel: the six pointers, the two strides
     and the constexprs. A dense weight fills the quantized slots with itself (never read)."""
     if isinstance(weight, torch.Tensor):
-        return (weight,) * 6, (weight.stride(0), weight.stride(1)), {"WQ": DENSE, "QBLOCK": 1, "NQBLOCK": 1}
+        return (
+            (weight,) * 6,
+            (weight.stride(0), weight.stride(1)),
+            {"WQ": DENSE, "QBLOCK": 1, "NQBLOCK": 1, "QALIGNED": True},
+        )
     if weight.kind not in (NF4, NF4_DQ, INT8):
         raise ValueError(f"unknown quantized weight kind {weight.kind}")
     fill = weight.data
     ptrs = tuple(fill if t is None else t for t in weight.flat()[0])
     strides = (weight.data.stride(0), weight.data.stride(1)) if weight.kind == INT8 else (weight.shape[1], 1)
-    meta = {"WQ": weight.kind, "QBLOCK": weight.blocksize, "NQBLOCK": weight.nested_blocksize}
+    meta = {
+        "WQ": weight.kind,
+        "QBLOCK": weight.blocksize,
+        "NQBLOCK": weight.nested_blocksize,
+        "QALIGNED": weight.shape[1] % weight.blocksize == 0,
+    }
     return ptrs, strides, meta
 
 
 @triton.jit
 def _add_rounded(a, b, EXACT: tl.constexpr):
-    """``a + b`` rounded on its own, never fused with the product that made ``a``."""
+    """``a + b`` rounded on its own, never fused with the product that made ``a``: PTX
+    ``add.rn.f32``, which ptxas does not contract, and without the flush-to-zero that triton
+    compiles libdevice's ``add_rn`` with (``add.rn.ftz.f32``)."""
     if EXACT:
-        return libdevice.add_rn(a, b)
+        return tl.inline_asm_elementwise(
+            "add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
     return a + b
+
+
+@triton.jit
+def _pick2(code_ptr, i: tl.constexpr, b0):
+    return tl.where(b0, tl.load(code_ptr + i + 1), tl.load(code_ptr + i))
+
+
+@triton.jit
+def _pick4(code_ptr, i: tl.constexpr, b0, b1):
+    return tl.where(b1, _pick2(code_ptr, i + 2, b0), _pick2(code_ptr, i, b0))
+
+
+@triton.jit
+def _pick8(code_ptr, i: tl.constexpr, b0, b1, b2):
+    return tl.where(b2, _pick4(code_ptr, i + 4, b0, b1), _pick4(code_ptr, i, b0, b1))
+
+
+@triton.jit
+def _nf4_value(code_ptr, nibble):
+    """code[nibble] by a select tree over the nibble's four bits on the table's 16 scalars: a
+    per-element gather would be a tile-sized fp32 load, which the compiled pipeline stages
+    through shared memory once per stage (over the sm_90 limit at every small-M tile)."""
+    b0 = (nibble & 1) != 0
+    b1 = (nibble & 2) != 0
+    b2 = (nibble & 4) != 0
+    return tl.where((nibble & 8) != 0, _pick8(code_ptr, 8, b0, b1, b2), _pick8(code_ptr, 0, b0, b1, b2))
+
+
+@triton.jit
+def _block_absmax(qs_ptr, nabs_ptr, ncode_ptr, off_ptr, block, ok, WQ: tl.constexpr, NQBLOCK: tl.constexpr):
+    """fp32 absmax of the NF4 blocks ``block`` (any shape), 0 where not ``ok``."""
+    if WQ == _NF4_DQ:
+        q = tl.load(qs_ptr + block, mask=ok, other=0).to(tl.int32)
+        absmax = tl.load(ncode_ptr + q, mask=ok, other=0.0)
+        absmax = absmax * tl.load(nabs_ptr + block // NQBLOCK, mask=ok, other=0.0)
+        absmax = _add_rounded(absmax, tl.load(off_ptr), _EXACT_ADD)
+    else:
+        absmax = tl.load(qs_ptr + block, mask=ok, other=0.0)
+    return absmax  # one return: compiled triton types every return, taken or not
 
 
 @triton.jit
 def dequant_tile(
     w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr,
-    n, k, n_ok, k_ok, K, stride_wn, stride_wk,
-    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr,
+    n, k, n_ok, k_ok, K, k0, stride_wn, stride_wk,
+    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr, QALIGNED: tl.constexpr,
+    KSPAN: tl.constexpr,
 ):  # fmt: skip
     """fp32 W[n, k] of a quantized weight, 0 outside ``n_ok & k_ok``. n, k: integer index
     tensors that broadcast to the tile (e.g. ``cols[None, :]`` and ``ks[:, None]``); n_ok and
-    k_ok: their bounds, shaped like them."""
+    k_ok: their bounds, shaped like them. The tile's k are k0 + [0, KSPAN), k0 a multiple of
+    KSPAN (a power of two).
+
+    NF4 statistics are loaded per (row, block), not per element: row n's k range touches the
+    blocks ``first .. last`` of its flat index range, at most ``SPAN`` of them (one when
+    QALIGNED, i.e. K % QBLOCK == 0, and KSPAN <= QBLOCK), and each element picks its own.
+    """
     n = n.to(tl.int64)
     mask = n_ok & k_ok
     if WQ == _INT8:
@@ -116,16 +174,20 @@ def dequant_tile(
         e = n * K + k
         byte = tl.load(w_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)
         nibble = (byte >> (((e & 1) ^ 1) * 4).to(tl.int32)) & 0xF
-        value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-        block = e // QBLOCK
-        if WQ == _NF4_DQ:
-            q = tl.load(qs_ptr + block, mask=mask, other=0).to(tl.int32)
-            absmax = tl.load(ncode_ptr + q, mask=mask, other=0.0)
-            absmax = absmax * tl.load(nabs_ptr + block // NQBLOCK, mask=mask, other=0.0)
-            absmax = _add_rounded(absmax, tl.load(off_ptr), _EXACT_ADD)
+        first = (n * K + k0) // QBLOCK
+        if QALIGNED and KSPAN <= QBLOCK:
+            absmax = _block_absmax(qs_ptr, nabs_ptr, ncode_ptr, off_ptr, first, n_ok, WQ, NQBLOCK)
         else:
-            absmax = tl.load(qs_ptr + block, mask=mask, other=0.0)
-        w = value * absmax
+            SPAN: tl.constexpr = KSPAN // QBLOCK if QALIGNED else (KSPAN - 1) // QBLOCK + 2
+            last = (n * K + tl.minimum(k0 + KSPAN, K) - 1) // QBLOCK
+            block = e // QBLOCK
+            absmax = tl.zeros(block.shape, tl.float32)
+            for j in tl.static_range(SPAN):
+                a = _block_absmax(
+                    qs_ptr, nabs_ptr, ncode_ptr, off_ptr, first + j, n_ok & (first + j <= last), WQ, NQBLOCK
+                )
+                absmax = tl.where(block == first + j, a, absmax)
+        w = tl.where(mask, _nf4_value(code_ptr, nibble) * absmax, 0.0)
     return w
 
 
@@ -140,17 +202,18 @@ def dequant_tile(
 def _dequantize_kernel(
     w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr, out_ptr,
     N, K, stride_wn, stride_wk, stride_on, stride_ok,
-    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr,
+    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr, QALIGNED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out (N, K) = W in out's dtype, one (BLOCK_N, BLOCK_K) tile per program."""
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k0 = tl.program_id(1) * BLOCK_K
+    k = k0 + tl.arange(0, BLOCK_K)
     n_ok = (n < N)[:, None]
     k_ok = (k < K)[None, :]
     w = dequant_tile(
         w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr,
-        n[:, None], k[None, :], n_ok, k_ok, K, stride_wn, stride_wk, WQ, QBLOCK, NQBLOCK,
+        n[:, None], k[None, :], n_ok, k_ok, K, k0, stride_wn, stride_wk, WQ, QBLOCK, NQBLOCK, QALIGNED, BLOCK_K,
     )  # fmt: skip
     out_ptrs = out_ptr + n[:, None] * stride_on + k[None, :] * stride_ok
     tl.store(out_ptrs, round_to(w, out_ptr.dtype.element_ty), mask=n_ok & k_ok)
