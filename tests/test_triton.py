@@ -334,3 +334,25 @@ def test_offsets_past_int32_cuda():
     want64, want_dt = _refs(*map(_f64, args[:6]), *args[6:]), _refs(*args)
     for name, out, i in (("y", y, 0), ("z", z, 1), ("dx", dx, 2)):
         _assert_rule(out[rows], want64[i], want_dt[i], name)
+
+
+def test_ieee_fp32_keeps_register_sized_tiles():
+    """Without tensor cores (fp32, allow_tf32 off) the GEMMs keep only output tiles of at most
+    64 fp32 accumulator registers a thread, at most 3 stages (compiled for sm_90 the others
+    spill or overflow shared memory: tests/test_sm90_aot.py); other dtypes keep every tile."""
+    fwd = tk.lora_fwd
+    space = [
+        fwd.cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),  # 128 registers: dropped
+        fwd.cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),  # 64: kept, 3 stages
+        fwd.cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),  # fwd 64, dx 128
+        fwd.cfg(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ]
+    args = {"M_BUCKET": 4096}
+    assert fwd._prune_gemm(space, args, IEEE=False) == space
+    kept = fwd._prune_gemm(space, args, IEEE=True)
+    assert [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == [(128, 8, 3), (64, 4, 3), (64, 4, 2)]
+    dx = fwd._prune_gemm(space, args, out_block="BLOCK_K", IEEE=True)
+    assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in dx] == [(256, 64), (128, 64), (64, 64)]
+    # the M pruning still applies first; nothing left still leaves one config to run
+    assert [c.kwargs["BLOCK_M"] for c in fwd._prune_gemm(space, {"M_BUCKET": 16}, IEEE=True)] == [32]
+    assert len(fwd._prune_gemm(space[:1], args, IEEE=True)) == 1

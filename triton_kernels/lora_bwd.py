@@ -10,6 +10,8 @@ Cross-program reductions go through fp32 partial buffers summed by torch afterwa
 atomics, so gradients are bitwise reproducible.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +31,7 @@ from .common import (
     round_to,
     sm_count,
 )
-from .lora_fwd import _GEMM_CONFIGS, _prune_m, grouped_tile
+from .lora_fwd import _GEMM_CONFIGS, _prune_gemm, grouped_tile
 from .philox import keep_tile
 from .quant import QuantWeight, dequant_tile, weight_operands
 
@@ -117,8 +119,8 @@ def _lora_bwd_dz_dB_kernel(
 
 @triton.autotune(
     configs=_DX_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "WQ", "QBLOCK"],
-    prune_configs_by={"early_config_prune": _prune_m},
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "WQ", "QBLOCK", "IEEE"],
+    prune_configs_by={"early_config_prune": functools.partial(_prune_gemm, out_block="BLOCK_K")},
 )
 @triton.jit(do_not_specialize=_DROPOUT)
 def _lora_bwd_dx_kernel(

@@ -35,6 +35,19 @@ def _prune_m(configs_, named_args, **_):
     return kept or configs_[:1]
 
 
+def _prune_gemm(configs_, named_args, out_block="BLOCK_N", **kwargs):
+    """:func:`_prune_m`; and for IEEE fp32 (no tensor cores: the dot is FMA loops that hold
+    their operands in registers) only output tiles (BLOCK_M x ``out_block``) whose accumulator
+    takes at most 64 fp32 registers a thread, pipelined at most 3 deep. Compiled for sm_90
+    (tests/sm90_aot.py), larger tiles spill kilobytes to local memory, and 4 stages of 128x128
+    fp32 tiles with the fused shrink overflow shared memory, so that config cannot launch."""
+    kept = _prune_m(configs_, named_args)
+    if not kwargs.get("IEEE"):
+        return kept
+    small = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs[out_block] <= 64 * 32 * c.num_warps] or kept[-1:]
+    return [cfg(c.num_warps, min(c.num_stages, 3), **c.kwargs) for c in small]
+
+
 _GEMM_CONFIGS = configs(
     [
         cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
@@ -115,8 +128,8 @@ def _lora_shrink_kernel(
 
 @triton.autotune(
     configs=_GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "FUSE_SHRINK", "HAS_BIAS", "WQ", "QBLOCK"],
-    prune_configs_by={"early_config_prune": _prune_m},
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "FUSE_SHRINK", "HAS_BIAS", "WQ", "QBLOCK", "IEEE"],
+    prune_configs_by={"early_config_prune": _prune_gemm},
 )
 @triton.jit(do_not_specialize=_DROPOUT)
 def _lora_fwd_kernel(
