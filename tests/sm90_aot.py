@@ -48,9 +48,18 @@ TARGET = GPUTarget("cuda", 90, 32)
 SM90_MAX_SHARED = 232448
 
 
+class _SM90Utils:
+    @staticmethod
+    def get_device_properties(device):
+        # an H100 SXM / H200: what the launchers' autotune pruning reads (common.max_shared_memory)
+        return {"max_shared_mem": SM90_MAX_SHARED, "multiprocessor_count": 132}
+
+
 class CompileOnlyDriver:
-    """What ``JITFunction.run`` asks of the active driver before it compiles; launching is
-    never reached (every run is a warmup)."""
+    """What ``JITFunction.run`` and the launchers ask of the active driver before a kernel is
+    compiled; launching is never reached (every run is a warmup)."""
+
+    utils = _SM90Utils()
 
     def get_current_target(self):
         return TARGET
@@ -136,7 +145,7 @@ def resource_usage(cubin: bytes) -> dict:
 def cases(dtypes: list[torch.dtype]):
     """(name, thunk) pairs: every kernel family, each dtype, each weight format, dropout on; the
     quantized ones also at M = 16, where ``set_quant_route("auto")`` takes the fused route and
-    the autotuner keeps only the short tiles."""
+    the autotuner keeps only the short tiles; with fp32, the GEMMs again in TF32 (``-tf32``)."""
     from fastlora.triton_kernels import (
         dequantize,
         keep_mask,
@@ -175,7 +184,26 @@ def cases(dtypes: list[torch.dtype]):
             yield f"fwd-{name}-M16-{d}", partial(lora_forward, x[:16], q, bias, A, B, 2.0, 0.0, seed)
             yield f"bwd-dx-{name}-M16-{d}", partial(lora_bwd_dx, g[:16], dz[:16], q, A, p, seed)
             yield f"dequantize-{name}-{d}", partial(dequantize, q, torch.empty(N, K, dtype=dt))
+    if torch.float32 in dtypes:  # fp32 GEMMs with TF32 allowed: the tensor-core path, other tiles
+        x, g, w = x.float(), g.float(), w32
+        bias, A, B = bias.float(), A.float(), B.float()
+        q = quant_weight(formats["nf4dq"])
+        yield "fwd-dense-tf32", partial(_tf32, lora_forward, x, w, bias, A, B, 2.0, p, seed)
+        yield "fwd-fused-shrink-tf32", partial(_tf32, lora_forward, x, w, bias, A, B, 2.0, p, seed, fuse_shrink=True)
+        yield "bwd-dx-dense-tf32", partial(_tf32, lora_bwd_dx, g, dz, w, A, p, seed)
+        yield "fwd-nf4dq-tf32", partial(_tf32, lora_forward, x, q, bias, A, B, 2.0, 0.0, seed)
+        yield "bwd-dx-nf4dq-tf32", partial(_tf32, lora_bwd_dx, g, dz, q, A, p, seed)
     yield "keep-mask", partial(keep_mask, M, K, p, seed, torch.device("cpu"))
+
+
+def _tf32(fn, *args, **kwargs):
+    """``fn`` with fp32 matmuls in TF32 (torch's flag, which the launchers read)."""
+    flag = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
 
 
 def _root_cause(exc: BaseException) -> str:

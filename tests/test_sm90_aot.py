@@ -80,6 +80,8 @@ def test_every_kernel_compiles_for_sm90(compiled):
     for fmt in ("nf4", "nf4dq", "int8"):  # both directions, both the training and decode tiles
         for case in (f"fwd-{fmt}", f"bwd-dx-{fmt}", f"fwd-{fmt}-M16", f"bwd-dx-{fmt}-M16"):
             assert f"{case}-bfloat16" in cases and f"{case}-float32" in cases
+    for case in ("fwd-dense", "fwd-fused-shrink", "bwd-dx-dense", "fwd-nf4dq", "bwd-dx-nf4dq"):
+        assert f"{case}-tf32" in cases
 
 
 def test_kernels_fit_sm90_shared_memory(compiled):
@@ -88,11 +90,11 @@ def test_kernels_fit_sm90_shared_memory(compiled):
     assert not over, [(r["case"], r["kernel"], r["constexprs"], r["shared"]) for r in over]
 
 
-def test_half_precision_dots_use_tensor_cores(compiled):
+def test_bf16_and_tf32_dots_use_tensor_cores(compiled):
     """bf16 operands are widened to fp32 only under the interpreter (common.mma): compiled,
-    every bf16 GEMM must issue mma/wgmma, not FMA loops."""
+    every bf16 GEMM, and every fp32 one with TF32 allowed, must issue mma/wgmma, not FMA loops."""
     rows, _ = compiled
-    dots = [r for r in rows if r["case"].endswith("bfloat16") and r["kernel"] not in ("_dequantize_kernel",)]
+    dots = [r for r in rows if r["case"].endswith(("bfloat16", "tf32")) and r["kernel"] != "_dequantize_kernel"]
     assert dots and all(r["mma"] in ("mma", "wgmma") for r in dots), [
         (r["case"], r["kernel"], r["mma"]) for r in dots if r["mma"] == "fma"
     ]

@@ -356,3 +356,28 @@ def test_ieee_fp32_keeps_register_sized_tiles():
     # the M pruning still applies first; nothing left still leaves one config to run
     assert [c.kwargs["BLOCK_M"] for c in fwd._prune_gemm(space, {"M_BUCKET": 16}, IEEE=True)] == [32]
     assert len(fwd._prune_gemm(space[:1], args, IEEE=True)) == 1
+
+
+def test_gemm_tiles_fit_shared_memory(monkeypatch):
+    """F2/B2 keep the configs whose pipelined tiles fit the device's shared memory (a config
+    over it only fails to launch); the byte count is the one compiled for sm_90 with wgmma."""
+    fwd = tk.lora_fwd
+    monkeypatch.setattr(fwd, "max_shared_memory", lambda: 232448)  # an H100 block (opt-in)
+    space = [
+        fwd.cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+        fwd.cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ]
+    x = torch.empty(1, 1)
+    args = {"M_BUCKET": 4096, "x_ptr": x}
+    # fp32 in TF32: 3 stages x (128 + 256) x 64 x 4 bytes = 288 KiB, over
+    assert fwd._prune_gemm(space, args, WQ=tk.quant.DENSE, IEEE=False) == space[1:]
+    # bf16: 144 KiB fits; a quantized W is dequantized into one tile, not staged: 160 KiB fits
+    assert fwd._prune_gemm(space, {**args, "x_ptr": x.bfloat16()}, WQ=tk.quant.DENSE, IEEE=False) == space
+    assert fwd._prune_gemm(space, args, WQ=tk.quant.NF4, IEEE=False) == space
+    # B2: g is the row operand, BLOCK_K the output and BLOCK_N the reduction
+    dx = tk.lora_bwd._prune_dx(space, {"M_BUCKET": 4096, "g_ptr": x}, WQ=tk.quant.DENSE, IEEE=False)
+    assert dx == space[1:]
+    assert fwd._shared_bytes(space[0], 4, "BLOCK_N", "BLOCK_K", FUSE_SHRINK=True, R_PAD=16) == 3 * 400 * 64 * 4
+    # nothing fits: the smallest config is still there to launch
+    monkeypatch.setattr(fwd, "max_shared_memory", lambda: 1024)
+    assert fwd._prune_gemm(space[::-1], args, WQ=tk.quant.DENSE, IEEE=False) == space[1:]

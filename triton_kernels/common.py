@@ -118,6 +118,20 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def max_shared_memory() -> int | None:
+    """Bytes of shared memory one block may use on the current device, the bound triton checks
+    at launch (None when interpreting: there is no limit)."""
+    if INTERPRET:
+        return None
+    active = triton.runtime.driver.active
+    return _device_shared_memory(active, active.get_current_device())
+
+
+@functools.cache
+def _device_shared_memory(active, device: int) -> int:
+    return active.utils.get_device_properties(device)["max_shared_mem"]
+
+
 def configs(gpu: list[triton.Config], interpret: triton.Config) -> list[triton.Config]:
     """The autotune space: one small config under the interpreter (tuning there is slow and
     meaningless), the GPU list otherwise."""

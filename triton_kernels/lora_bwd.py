@@ -44,6 +44,9 @@ _DX_CONFIGS = [
     for c in _GEMM_CONFIGS
 ]
 
+# B2's output columns are K (BLOCK_K), its reduction N (BLOCK_N), its row operand g
+_prune_dx = functools.partial(_prune_gemm, out_block="BLOCK_K", red_block="BLOCK_N", a_arg="g_ptr")
+
 # B1's row tile is fixed on the host: it sets how many dB partial buffers exist.
 _B1_BLOCK_M = 16 if INTERPRET else 64
 
@@ -120,7 +123,7 @@ def _lora_bwd_dz_dB_kernel(
 @triton.autotune(
     configs=_DX_CONFIGS,
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "WQ", "QBLOCK", "IEEE"],
-    prune_configs_by={"early_config_prune": functools.partial(_prune_gemm, out_block="BLOCK_K")},
+    prune_configs_by={"early_config_prune": _prune_dx},
 )
 @triton.jit(do_not_specialize=_DROPOUT)
 def _lora_bwd_dx_kernel(

@@ -18,13 +18,14 @@ from .common import (
     dot_flags,
     dropout_args,
     m_bucket,
+    max_shared_memory,
     mma,
     new_buffer,
     rank_pad,
     round_to,
 )
 from .philox import keep_tile
-from .quant import QuantWeight, dequant_tile, weight_operands
+from .quant import DENSE, QuantWeight, dequant_tile, weight_operands
 
 _DROPOUT = ["seed_lo", "seed_hi", "thresh"]
 
@@ -35,17 +36,37 @@ def _prune_m(configs_, named_args, **_):
     return kept or configs_[:1]
 
 
-def _prune_gemm(configs_, named_args, out_block="BLOCK_N", **kwargs):
-    """:func:`_prune_m`; and for IEEE fp32 (no tensor cores: the dot is FMA loops that hold
-    their operands in registers) only output tiles (BLOCK_M x ``out_block``) whose accumulator
-    takes at most 64 fp32 registers a thread, pipelined at most 3 deep. Compiled for sm_90
-    (tests/sm90_aot.py), larger tiles spill kilobytes to local memory, and 4 stages of 128x128
-    fp32 tiles with the fused shrink overflow shared memory, so that config cannot launch."""
+def _prune_gemm(configs_, named_args, out_block="BLOCK_N", red_block="BLOCK_K", a_arg="x_ptr", **kwargs):
+    """The autotune space of F2 and B2 (``out_block`` / ``red_block``: which tile is the output's
+    column and which the reduction's; ``a_arg``: the row operand, x or g) for one call:
+
+    - :func:`_prune_m`;
+    - IEEE fp32 (no tensor cores: the dot is FMA loops holding their operands in registers):
+      only output tiles whose accumulator takes at most 64 fp32 registers a thread, at most 3
+      stages. Compiled for sm_90 (tests/sm90_aot.py) larger tiles spill kilobytes;
+    - tiles whose pipelined operands fit the device's shared memory (:func:`_shared_bytes`):
+      128x256 fp32 tiles in TF32 need 288 KiB, and a config over the limit only fails to launch.
+    One config is always left (the smallest), so a launch always has one."""
     kept = _prune_m(configs_, named_args)
-    if not kwargs.get("IEEE"):
-        return kept
-    small = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs[out_block] <= 64 * 32 * c.num_warps] or kept[-1:]
-    return [cfg(c.num_warps, min(c.num_stages, 3), **c.kwargs) for c in small]
+    if kwargs.get("IEEE"):
+        small = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs[out_block] <= 64 * 32 * c.num_warps] or kept[-1:]
+        kept = [cfg(c.num_warps, min(c.num_stages, 3), **c.kwargs) for c in small]
+    limit = max_shared_memory()
+    if limit is not None:
+        item = named_args[a_arg].element_size()
+        need = {c: _shared_bytes(c, item, out_block, red_block, **kwargs) for c in kept}
+        kept = [c for c in kept if need[c] <= limit] or [min(kept, key=need.get)]
+    return kept
+
+
+def _shared_bytes(c, item, out_block, red_block, WQ=DENSE, FUSE_SHRINK=False, R_PAD=0, **_):
+    """Shared memory of the pipelined K loop: num_stages buffers of the row operand's tile (and
+    of a dense W's, and with the fused shrink of lora_A's) plus one tile of a dequantized W.
+    Exact for the wgmma tiles compiled for sm_90, an upper bound for the smaller mma ones."""
+    rows = c.kwargs["BLOCK_M"] + (R_PAD if FUSE_SHRINK else 0)
+    out = c.kwargs[out_block]
+    staged, once = (rows + out, 0) if WQ == DENSE else (rows, out)
+    return (c.num_stages * staged + once) * c.kwargs[red_block] * item
 
 
 _GEMM_CONFIGS = configs(
