@@ -338,8 +338,9 @@ def test_offsets_past_int32_cuda():
 
 def test_ieee_fp32_keeps_register_sized_tiles():
     """Without tensor cores (fp32, allow_tf32 off) the GEMMs keep only output tiles of at most
-    64 fp32 accumulator registers a thread, at most 3 stages (compiled for sm_90 the others
-    spill or overflow shared memory: tests/test_sm90_aot.py); other dtypes keep every tile."""
+    64 fp32 accumulator registers a thread, at most 3 stages, 1 with a quantized W (compiled
+    for sm_90 the others spill or overflow shared memory: benchmarks/results/sm90-aot/);
+    other dtypes keep every tile."""
     fwd = tk.lora_fwd
     space = [
         fwd.cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),  # 128 registers: dropped
@@ -351,6 +352,9 @@ def test_ieee_fp32_keeps_register_sized_tiles():
     assert fwd._prune_gemm(space, args, IEEE=False) == space
     kept = fwd._prune_gemm(space, args, IEEE=True)
     assert [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == [(128, 8, 3), (64, 4, 3), (64, 4, 2)]
+    # a W dequantized in registers: no software pipelining (pipelined, every such tile spills)
+    quant = fwd._prune_gemm(space, args, WQ=tk.quant.NF4, IEEE=True)
+    assert [c.num_stages for c in quant] == [1, 1, 1] and [c.kwargs for c in quant] == [c.kwargs for c in kept]
     dx = fwd._prune_gemm(space, args, out_block="BLOCK_K", IEEE=True)
     assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in dx] == [(256, 64), (128, 64), (64, 64)]
     # the M pruning still applies first; nothing left still leaves one config to run

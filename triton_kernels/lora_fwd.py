@@ -43,14 +43,17 @@ def _prune_gemm(configs_, named_args, out_block="BLOCK_N", red_block="BLOCK_K", 
     - :func:`_prune_m`;
     - IEEE fp32 (no tensor cores: the dot is FMA loops holding their operands in registers):
       only output tiles whose accumulator takes at most 64 fp32 registers a thread, at most 3
-      stages. Compiled for sm_90 (tests/sm90_aot.py) larger tiles spill kilobytes;
+      stages, and 1 (no software pipelining) when W is dequantized in registers. Compiled for
+      sm_90 (tests/sm90_aot.py) larger tiles spill kilobytes, and pipelined quantized tiles all
+      get 32 registers and 4-14 KB of local memory a thread (most are clean unpipelined);
     - tiles whose pipelined operands fit the device's shared memory (:func:`_shared_bytes`):
       128x256 fp32 tiles in TF32 need 288 KiB, and a config over the limit only fails to launch.
     One config is always left (the smallest), so a launch always has one."""
     kept = _prune_m(configs_, named_args)
     if kwargs.get("IEEE"):
         small = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs[out_block] <= 64 * 32 * c.num_warps] or kept[-1:]
-        kept = [cfg(c.num_warps, min(c.num_stages, 3), **c.kwargs) for c in small]
+        stages = 3 if kwargs.get("WQ", DENSE) == DENSE else 1
+        kept = [cfg(c.num_warps, min(c.num_stages, stages), **c.kwargs) for c in small]
     limit = max_shared_memory()
     if limit is not None:
         item = named_args[a_arg].element_size()
