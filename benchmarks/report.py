@@ -198,22 +198,87 @@ def format_compare(results: list[dict], metric: str) -> str:
 
 
 # --------------------------------------------------------------------------- plots
-def _slice(rows: list[dict], x: str) -> tuple[list[dict], str]:
-    """The fwd+bwd op rows of the largest group that varies only ``x`` (and the impl)."""
-    fields = ("M", "K", "N", "r", "p", "dtype")
+# A line joins the points of one implementation that differ only in the plotted axis: the same
+# variant (LoRA, DoRA, NF4 base), the same mode and the same values of every other shape field.
+_AXES = ("M", "K", "N", "r", "p", "dtype", "bias")
+_VARIANT_LABEL = {"lora": "LoRA (dense base)", "dora": "DoRA (dense base)", "nf4": "LoRA on an NF4 base"}
+_MODE_LABEL = {"fwd": "training forward", "fwdbwd": "forward+backward", "infer": "inference forward"}
+
+
+def _variant(r: dict) -> str:
+    return r.get("variant") or "lora"  # rows written before DoRA/NF4 cases existed are LoRA
+
+
+def ratio_series(rows: list[dict], x: str) -> list[dict]:
+    """The lines of the ratio-to-base plots against axis ``x`` ("r" or "M").
+
+    One series per (variant, mode, shape family, impl), where the shape family is the value of
+    every shape field except ``x``; only series with at least two values of ``x`` (a line).
+    Each series: ``variant``, ``mode``, ``impl``, ``fixed`` (field -> value, x excluded) and
+    ``points``, a list of ``(x, ratio, ratio_p25, ratio_p75)`` sorted by x."""
+    fields = tuple(f for f in _AXES if f != x)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        if r["kind"] == "op" and r["mode"] == "fwdbwd" and r["family"] != "base":
-            groups[tuple(r[f] for f in fields if f != x)].append(r)
-    if not groups:
-        return [], ""
-    key = max(groups, key=lambda k: (len({r[x] for r in groups[k]}), k[-2]))
-    fixed = ", ".join(f"{f}={v}" for f, v in zip((f for f in fields if f != x), key, strict=True))
-    return groups[key], fixed
+        if r["kind"] != "op" or r["family"] == "base" or r.get("ratio_to_base") is None:
+            continue
+        groups[(_variant(r), r["mode"], tuple(r.get(f) for f in fields), r["impl"])].append(r)
+    out = []
+    for (variant, mode, family, impl), sel in groups.items():
+        pts = sorted((r[x], r["ratio_to_base"], r["ratio_p25"], r["ratio_p75"]) for r in sel)
+        if len({p[0] for p in pts}) != len(pts):
+            raise ValueError(f"two rows of {impl} {variant} {mode} {family} share {x}={pts[0][0]}")
+        if len(pts) >= 2:
+            fixed = dict(zip(fields, family, strict=True))
+            out.append({"variant": variant, "mode": mode, "impl": impl, "fixed": fixed, "points": pts})
+    return out
+
+
+def ratio_plots(rows: list[dict], x: str) -> list[dict]:
+    """The ratio-to-base figures against ``x``: one per (variant, mode), holding the series of
+    :func:`ratio_series` for that variant and mode (``series``), the shape fields every series
+    shares (``common``) and those that tell its shape families apart (``varying``)."""
+    by_plot: dict[tuple, list[dict]] = defaultdict(list)
+    for s in ratio_series(rows, x):
+        by_plot[(s["variant"], s["mode"])].append(s)
+    order = {"lora": 0, "nf4": 1, "dora": 2}
+    out = []
+    for (variant, mode), series in sorted(by_plot.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0])):
+        fields = list(series[0]["fixed"])
+        common = {f: series[0]["fixed"][f] for f in fields if len({repr(s["fixed"][f]) for s in series}) == 1}
+        varying = [f for f in fields if f not in common]
+        series.sort(key=lambda s: (tuple(_order(s["fixed"][f]) for f in varying), s["impl"]))
+        out.append({"x": x, "variant": variant, "mode": mode, "series": series, "common": common, "varying": varying})
+    return out
+
+
+def _order(v) -> tuple:
+    """Sort key for a shape field's value: numbers numerically, then anything else by text."""
+    return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+
+
+def _fmt_fields(d: dict) -> str:
+    parts = []
+    for f, v in d.items():
+        if f == "bias":
+            parts.append("bias" if v else "no bias")
+        elif f == "dtype":
+            parts.append(str(v))
+        else:
+            parts.append(f"{f}={v:g}" if isinstance(v, float) else f"{f}={v}")
+    return ", ".join(parts)
+
+
+def ratio_plot_name(prefix: str, fig: dict) -> str:
+    """``<prefix>ratio_vs_<x>.png`` for LoRA forward+backward (the headline plots), else with the
+    variant and mode in the name, e.g. ``<prefix>ratio_vs_M_nf4_fwd.png``."""
+    tail = "" if (fig["variant"], fig["mode"]) == ("lora", "fwdbwd") else f"_{fig['variant']}_{fig['mode']}"
+    return f"{prefix}ratio_vs_{fig['x']}{tail}.png"
 
 
 def plot(rows: list[dict], out_dir: str, prefix: str) -> list[str]:
-    """Write ratio-to-base vs r, vs M, and saved-bytes bars as PNGs; returns their paths."""
+    """Write the ratio-to-base plots (against r and against M; one figure per variant and mode,
+    one line per implementation and shape family) and the saved-bytes bars as PNGs; returns
+    their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,48 +286,108 @@ def plot(rows: list[dict], out_dir: str, prefix: str) -> list[str]:
 
     os.makedirs(out_dir, exist_ok=True)
     paths = []
+    styles = ("-", "--", ":", "-.")
+    markers = ("o", "s", "^", "D", "v", "P", "X", "*")  # with the line style: 8 families told apart
     for x in ("r", "M"):
-        sel, fixed = _slice(rows, x)
-        if not sel:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for impl in sorted({r["impl"] for r in sel}):
-            pts = sorted((r[x], r["ratio_to_base"], r["ratio_p25"], r["ratio_p75"]) for r in sel if r["impl"] == impl)
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            err = [[max(p[1] - p[2], 0) for p in pts], [max(p[3] - p[1], 0) for p in pts]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=impl)
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(x)
-        ax.set_ylabel("fwd+bwd time / frozen base linear (median, IQR)")
-        ax.set_title(f"ratio to base vs {x} ({fixed})", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, f"{prefix}ratio_vs_{x}.png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        for figd in ratio_plots(rows, x):
+            impls = sorted({s["impl"] for s in figd["series"]})
+            families = list(dict.fromkeys(repr([s["fixed"][f] for f in figd["varying"]]) for s in figd["series"]))
+            colors = {impl: f"C{i}" for i, impl in enumerate(impls)}
+            fig, ax = plt.subplots(figsize=(8.5, 4.5))
+            for s in figd["series"]:
+                fam = families.index(repr([s["fixed"][f] for f in figd["varying"]]))
+                pts = s["points"]
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                err = [[max(p[1] - p[2], 0) for p in pts], [max(p[3] - p[1], 0) for p in pts]]
+                shape = _fmt_fields({f: s["fixed"][f] for f in figd["varying"]})
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=err,
+                    color=colors[s["impl"]],
+                    ls=styles[fam % len(styles)],
+                    marker=markers[fam % len(markers)],
+                    capsize=3,
+                    label=s["impl"] + (f", {shape}" if shape else ""),
+                )
+            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(x)
+            ax.set_ylabel("time / frozen base linear (median, IQR)")
+            variant, mode = figd["variant"], figd["mode"]
+            what = f"{_VARIANT_LABEL.get(variant, variant)}, {_MODE_LABEL.get(mode, mode)}"
+            ax.set_title(
+                f"{what}: ratio to base vs {x}\n{_fmt_fields(figd['common'])}; one line per implementation"
+                + (f" and {', '.join(figd['varying'])}" if figd["varying"] else ""),
+                fontsize=9,
+            )
+            ax.legend(
+                fontsize=7,
+                title=f"{figd['variant']}, {figd['mode']}",
+                title_fontsize=7,
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),
+            )
+            fig.tight_layout()
+            paths.append(os.path.join(out_dir, ratio_plot_name(prefix, figd)))
+            fig.savefig(paths[-1], dpi=110)
+            plt.close(fig)
 
-    # saved bytes at the headline shape (the first op row's), one layer and q/k/v, per p
-    op = [r for r in rows if r["kind"] == "op" and r["mode"] == rows[0]["mode"]] if rows else []
+    # saved bytes at the headline shape (the first LoRA row's), one layer and q/k/v, per p
+    op = [r for r in rows if r["kind"] == "op" and _variant(r) == "lora"]
     if op:
         h = op[0]
-        same = [r for r in op if all(r[f] == h[f] for f in ("M", "K", "N", "r", "dtype"))]
+        same = [r for r in op if r["mode"] == h["mode"] and all(r.get(f) == h.get(f) for f in _AXES if f != "p")]
         ps = sorted({r["p"] for r in same})
         impls = list(dict.fromkeys(r["impl"] for r in same))
         groups = [(f"1 layer, p={p:g}", "saved_bytes", p) for p in ps] + [
-            (f"q/k/v, p={p:g}", "saved_bytes_qkv", p) for p in ps
+            (f"q/k/v sharing x, p={p:g}", "saved_bytes_qkv", p) for p in ps
         ]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
         w = 0.8 / max(len(impls), 1)
         for j, impl in enumerate(impls):
             vals = [next((r[f] / MiB for r in same if r["impl"] == impl and r["p"] == p), 0) for _, f, p in groups]
-            ax.bar([i + j * w for i in range(len(groups))], vals, w, label=impl)
+            bars = ax.bar([i + j * w for i in range(len(groups))], vals, w, label=impl, color=f"C{j}")
+            ax.bar_label(bars, fmt="%.1f", fontsize=6)
         ax.set_xticks([i + w * (len(impls) - 1) / 2 for i in range(len(groups))], [g[0] for g in groups], fontsize=8)
         ax.set_ylabel("activations saved for backward (MiB)")
-        ax.set_title(f"saved activations, M={h['M']} K={h['K']} N={h['N']} r={h['r']} {h['dtype']}", fontsize=9)
-        ax.legend(fontsize=8)
+        ax.set_title(
+            f"{_VARIANT_LABEL['lora']}: activations kept after one {_MODE_LABEL.get(h['mode'], h['mode'])}\n"
+            f"{_fmt_fields({f: h.get(f) for f in _AXES if f != 'p'})}; one bar per implementation",
+            fontsize=9,
+        )
+        ax.legend(fontsize=8, title=f"lora, {h['mode']}", title_fontsize=7)
         fig.tight_layout()
         paths.append(os.path.join(out_dir, f"{prefix}saved_memory.png"))
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+# --------------------------------------------------------------------------- plots from a file
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.report FILE [--out DIR]``: redraw the plots of a results file
+    without rerunning the benchmarks (e.g. after a change to this module)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    ap.add_argument("file", help="a <suite>.json results file (or a JSON list of rows)")
+    ap.add_argument("--out", help="where to write the PNGs (default: next to FILE)")
+    ap.add_argument("--table", action="store_true", help="also print the results table")
+    args = ap.parse_args(argv)
+    rows = load_rows(args.file)
+    if not rows:
+        print(f"{args.file}: no rows")
+        return 1
+    suite = rows[0].get("meta", {}).get("suite") or os.path.splitext(os.path.basename(args.file))[0]
+    if args.table:
+        print(format_table(rows))
+    for p in plot(rows, args.out or os.path.dirname(os.path.abspath(args.file)), f"{suite}_"):
+        print(f"plot: {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -198,3 +198,65 @@ def test_gemv_row_computes_the_lora_layer():
         want = cases.IMPLS["fastlora-torch"].layer(bank, 0)(bank.x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32: only summation order differs
     assert cases.IMPLS["nf4-gemv"].available(torch.device("cpu")) == "the fused NF4 GEMV is a CUDA kernel"
+
+
+# --------------------------------------------------------------------------- plot lines
+def _op_row(impl, variant="lora", mode="fwdbwd", M=2048, K=1024, N=1024, r=16, p=0.1, ratio=1.1):
+    return {
+        "kind": "op", "case": f"M{M}-K{K}-N{N}-r{r}-p{p}-{variant}", "impl": impl, "family": impl.split("-")[0],
+        "variant": variant, "mode": mode, "M": M, "K": K, "N": N, "r": r, "p": p, "dtype": "float32",
+        "bias": False, "ratio_to_base": ratio, "ratio_p25": ratio, "ratio_p75": ratio,
+    }  # fmt: skip
+
+
+def _assert_one_line_one_thing(rows, x):
+    """Every series holds rows of one impl, variant, mode and shape family, one point per x."""
+    series = report.ratio_series(rows, x)
+    for s in series:
+        members = [
+            r for r in rows
+            if r["kind"] == "op" and r["impl"] == s["impl"] and r.get("variant", "lora") == s["variant"]
+            and r["mode"] == s["mode"] and all(r.get(f) == v for f, v in s["fixed"].items())
+        ]  # fmt: skip
+        assert sorted((r[x], r["ratio_to_base"]) for r in members) == [p[:2] for p in s["points"]]
+        assert len({p[0] for p in s["points"]}) == len(s["points"]) >= 2
+    for fig in report.ratio_plots(rows, x):
+        assert {(s["variant"], s["mode"]) for s in fig["series"]} == {(fig["variant"], fig["mode"])}
+        keys = [(s["impl"], tuple(s["fixed"][f] for f in fig["varying"])) for s in fig["series"]]
+        assert len(keys) == len(set(keys))  # a line is told apart by impl and its varying fields
+    return series
+
+
+def test_plot_lines_never_mix_variants_modes_or_shapes():
+    """The DoRA / NF4 rows at r=16 share every shape field with a LoRA row: they must not join
+    the LoRA line (the committed CPU plot once drew a vertical segment from 1.1 to 2.3 there)."""
+    rows = [_op_row("base", ratio=1.0)]
+    for impl, ratios in {"fastlora-torch": (1.07, 1.10, 1.22), "peft": (1.54, 1.47, 1.61)}.items():
+        rows += [_op_row(impl, r=r, ratio=v) for r, v in zip((8, 16, 64), ratios, strict=True)]
+        rows += [_op_row(impl, M=512, r=r, ratio=v + 0.05) for r, v in zip((8, 16, 64), ratios, strict=True)]
+        rows += [_op_row(impl, "dora", ratio=2.3), _op_row(impl, "dora", p=0.0, ratio=1.14)]
+        rows += [_op_row(impl, "nf4", p=0.0, ratio=1.07), _op_row(impl, "nf4", "fwd", p=0.0, ratio=1.05)]
+        rows += [_op_row(impl, "nf4", "fwd", M=M, p=0.0, ratio=1.3) for M in (64, 256)]
+        rows += [_op_row(impl, "nf4", "fwdbwd", M=M, p=0.0, ratio=1.4) for M in (64, 256)]
+    by_r = _assert_one_line_one_thing(rows, "r")
+    assert {(s["variant"], s["mode"], s["fixed"]["M"]) for s in by_r} == {("lora", "fwdbwd", M) for M in (512, 2048)}
+    line = next(s for s in by_r if s["impl"] == "fastlora-torch" and s["fixed"]["M"] == 2048)
+    assert [p[:2] for p in line["points"]] == [(8, 1.07), (16, 1.10), (64, 1.22)]
+    by_m = _assert_one_line_one_thing(rows, "M")
+    assert {(s["variant"], s["mode"]) for s in by_m} == {("lora", "fwdbwd"), ("nf4", "fwd"), ("nf4", "fwdbwd")}
+    nf4 = next(s for s in by_m if s["impl"] == "peft" and s["variant"] == "nf4" and s["mode"] == "fwd")
+    assert [p[0] for p in nf4["points"]] == [64, 256, 2048]
+    names = {report.ratio_plot_name("d_", f) for x in ("r", "M") for f in report.ratio_plots(rows, x)}
+    assert names == {"d_ratio_vs_r.png", "d_ratio_vs_M.png", "d_ratio_vs_M_nf4_fwd.png", "d_ratio_vs_M_nf4_fwdbwd.png"}
+    # the committed CPU results: the same holds for the rows the published plots are drawn from
+    committed = os.path.join(ROOT, "benchmarks", "results", "cpu-amd-epyc-2t", "default.json")
+    if os.path.exists(committed):
+        for x in ("r", "M"):
+            _assert_one_line_one_thing(report.load_rows(committed), x)
+
+
+def test_report_cli_redraws_plots_from_a_results_file(quick, tmp_path):
+    out, _ = quick
+    assert report.main([str(out / "quick.json"), "--out", str(tmp_path)]) == 0
+    names = {p.name for p in tmp_path.glob("*.png")}
+    assert names == {"quick_ratio_vs_r.png", "quick_ratio_vs_M.png", "quick_saved_memory.png"}
