@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,7 +19,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--quick", action="store_true", help="tiny shapes and few repetitions (a smoke test, not a measurement)"
     )
-    ap.add_argument("--out", help="results folder (default benchmarks/results/<device>/; a temp folder with --quick)")
+    ap.add_argument(
+        "--out",
+        help="results folder (default benchmarks/runs/<device>/, git-ignored: a run never rewrites tracked files)",
+    )
+    ap.add_argument(
+        "--publish",
+        action="store_true",
+        help="write to the committed results, benchmarks/results/<device>/ (a deliberate update: commit it afterwards)",
+    )
     ap.add_argument(
         "--only",
         metavar="TEXT",
@@ -37,7 +44,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="median time, or ratio to base (robust to a busier machine)",
     )
     ap.add_argument("--fail-on-regression", action="store_true", help="exit 1 when --compare finds a regression")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.publish and (args.out or args.quick):
+        ap.error("--publish writes the committed results folder: not with --out, nor with --quick (not a measurement)")
+    return args
+
+
+def out_dir_for(args: argparse.Namespace, device_slug: str) -> str:
+    """Where a run writes: ``--out``; with ``--publish`` the committed results of this device
+    (``benchmarks/results/<device>/``); otherwise ``benchmarks/runs/<device>/``, git-ignored, so
+    that a user's run leaves the working tree as it found it."""
+    if args.out:
+        return args.out
+    return os.path.join(HERE, "results" if args.publish else "runs", device_slug)
 
 
 class _NoBar:
@@ -82,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     suite = "quick" if args.quick else args.suite
     meta = harness.metadata(device, suite, argv)
-    default_root = (
-        os.path.join(tempfile.gettempdir(), "fastlora-bench-quick") if args.quick else os.path.join(HERE, "results")
-    )
-    out_dir = args.out or os.path.join(default_root, meta["device_slug"])
+    out_dir = out_dir_for(args, meta["device_slug"])
 
     if args.quick:
         tcfg = harness.TimingConfig(warmup=1, budget_s=0.0, min_reps=3, max_reps=3, rounds=1, warmup_ms=5, rep_ms=20)
@@ -128,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + quant)
     path = report.write_results(rows, meta, out_dir)
     print(f"\nresults: {path} (rows also appended to {os.path.join(out_dir, 'history.jsonl')})")
+    if args.publish:
+        print("published: review and commit benchmarks/results/ to make this run the committed baseline")
+    elif not args.out:
+        print("(benchmarks/runs/ is git-ignored; --publish writes the committed benchmarks/results/<device>/)")
     if not args.no_plot and rows:
         try:
             for p in report.plot(rows, out_dir, f"{suite}_"):

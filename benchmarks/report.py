@@ -15,20 +15,24 @@ def _f(v, fmt: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per row: op rows first, then end-to-end rows."""
+    """One line per row: op rows first, then end-to-end rows. A ``plan`` column (the GPU plan
+    "auto" chose, e.g. hybrid or fused) appears when any row carries one."""
     out = []
     op = [r for r in rows if r["kind"] == "op"]
+    plans = any(r.get("plan") for r in op)
     if op:
+        plan_hdr = f"{'plan':<10} " if plans else ""
         hdr = (
-            f"{'impl':<16} {'shape MxKxN':<17} {'dtype':<9} {'r':>4} {'p':>5} {'mode':<7} {'median ms':>10} "
+            f"{'impl':<16} {plan_hdr}{'shape MxKxN':<17} {'dtype':<9} {'r':>4} {'p':>5} {'mode':<7} {'median ms':>10} "
             f"{'spread%':>8} {'x base':>7} {'x PEFT':>7} {'TFLOP/s':>8} {'saved MiB':>10} {'qkv MiB':>9}"
         )
         out += [hdr, "-" * len(hdr)]
         for r in op:
             spread = 100 * (r["p75_ms"] - r["p25_ms"]) / r["median_ms"]
             shape = f"{r['M']}x{r['K']}x{r['N']}"
+            plan = f"{r.get('plan') or '-':<10} " if plans else ""
             out.append(
-                f"{r['impl']:<16} {shape:<17} {r['dtype']:<9} {r['r']:>4} {r['p']:>5g} {r['mode']:<7} "
+                f"{r['impl']:<16} {plan}{shape:<17} {r['dtype']:<9} {r['r']:>4} {r['p']:>5g} {r['mode']:<7} "
                 f"{r['median_ms']:>10.3f} {spread:>8.1f} {_f(r['ratio_to_base'], '.3f'):>7} "
                 f"{_f(r['speedup_vs_peft'], '.2f'):>7} {_f(r['tflops'], '.3f'):>8} "
                 f"{r['saved_bytes'] / MiB:>10.2f} {r['saved_bytes_qkv'] / MiB:>9.2f}"

@@ -260,3 +260,45 @@ def test_report_cli_redraws_plots_from_a_results_file(quick, tmp_path):
     assert report.main([str(out / "quick.json"), "--out", str(tmp_path)]) == 0
     names = {p.name for p in tmp_path.glob("*.png")}
     assert names == {"quick_ratio_vs_r.png", "quick_ratio_vs_M.png", "quick_saved_memory.png"}
+
+
+# --------------------------------------------------------------------------- where a run writes
+def _git(*args, input=None):
+    return subprocess.run(["git", *args], cwd=ROOT, input=input, capture_output=True, text=True, timeout=60)
+
+
+def test_a_run_with_default_output_leaves_the_tree_clean(capsys):
+    """The main job writes to the git-ignored benchmarks/runs/<device>/ unless told otherwise:
+    after a run, git status shows nothing new and the committed results are untouched."""
+    if _git("rev-parse", "--is-inside-work-tree").stdout.strip() != "true":
+        pytest.skip("not a git checkout")
+
+    runs = os.path.join(ROOT, "benchmarks", "runs")
+
+    def snapshot():
+        status = set(_git("status", "--porcelain", "--untracked-files=all").stdout.splitlines())
+        committed = _git("ls-files", "--", "benchmarks/results").stdout.split()
+        contents = _git("hash-object", "--stdin-paths", input="\n".join(committed)).stdout  # working-tree bytes
+        return status, committed, contents
+
+    before = snapshot()
+    assert main(["--quick", "--no-e2e", "--device", "cpu"]) == 0
+    after = snapshot()
+    assert after[0] - before[0] == set(), "a default run left new or modified files in git status"
+    assert after[1:] == before[1:], "a default run rewrote the committed benchmarks/results/"
+    printed = capsys.readouterr().out
+    path = next(line.split()[1] for line in printed.splitlines() if line.startswith("results: "))
+    assert os.path.commonpath([path, runs]) == runs and os.path.exists(path)
+    assert _git("check-ignore", "-q", path).returncode == 0
+    assert "--publish" in printed
+
+
+def test_publish_targets_the_committed_results():
+    from benchmarks.__main__ import HERE, out_dir_for, parse_args
+
+    assert out_dir_for(parse_args(["--publish"]), "dev") == os.path.join(HERE, "results", "dev")
+    assert out_dir_for(parse_args([]), "dev") == os.path.join(HERE, "runs", "dev")
+    assert out_dir_for(parse_args(["--out", "x"]), "dev") == "x"
+    for bad in (["--publish", "--quick"], ["--publish", "--out", "x"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
