@@ -7,16 +7,20 @@ import numbers
 import re
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .functional import QUANTIZED, _check_p, lora_linear
-from .quant import NF4Weight, quantize
+from .quant import Int8Weight, NF4Weight, quantize
 from .variants import dora_linear
 
 ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude_vector")
+# The largest |lora_alpha|: every scale (alpha / b, alpha / sqrt(b), b >= 1) then fits in float32,
+# the type the kernels take it in.
+_MAX_ALPHA = torch.finfo(torch.float32).max
 
 
 def check_adapter_name(name: object) -> str:
@@ -40,8 +44,8 @@ class AdapterConfig:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive int, got {self.r!r}")
         a = self.lora_alpha
-        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a):
-            raise ValueError(f"lora_alpha must be a finite number, got {a!r}")
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or abs(a) > _MAX_ALPHA:
+            raise ValueError(f"lora_alpha must be a finite number of at most float32's max in magnitude, got {a!r}")
         _check_p(self.lora_dropout)
         self.lora_dropout = float(self.lora_dropout)
         for name in ("use_rslora", "use_dora"):
@@ -51,6 +55,17 @@ class AdapterConfig:
     @property
     def scaling(self) -> float:
         return self.lora_alpha / math.sqrt(self.r) if self.use_rslora else self.lora_alpha / self.r
+
+
+class _Adapter(NamedTuple):
+    """The active adapter as a forward sees it: replaced whole, never mutated, so that one read of
+    ``LoRALinear._active`` gives a consistent adapter while another thread calls ``set_adapter``."""
+
+    name: str
+    cfg: AdapterConfig  # never mutated while in a record: settings changes build a new record
+    lora_A: nn.Parameter | None
+    lora_B: nn.Parameter | None
+    lora_magnitude_vector: nn.Parameter | None
 
 
 class LoRALinear(nn.Module):
@@ -84,6 +99,11 @@ class LoRALinear(nn.Module):
     :meth:`set_adapter` swaps Parameter objects in and out: no tensor is copied, the base weight
     is never touched (unless the layer is merged, see there). With no active adapter
     (``set_adapter(None)``) the layer computes its base linear only and registers no LoRA tensors.
+
+    Thread safety: the active adapter (settings and tensors) is one immutable record that
+    :meth:`set_adapter` replaces in a single assignment, and ``forward`` reads it once, so a forward
+    running while another thread swaps adapters uses one adapter (or none) whole. (Merging,
+    unmerging and loading rewrite the base and are not safe against a concurrent forward.)
     """
 
     def __init__(
@@ -116,21 +136,21 @@ class LoRALinear(nn.Module):
         check_adapter_name(adapter_name)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        # every adapter's config; the active one's live in the attributes below (its truth while
-        # active, written back by _stash_active) and its tensors are the registered parameters
+        # every adapter's config; the active one's lives in the record self._active (its truth
+        # while active, written back by _stash_active) and its tensors are the registered parameters
         self._adapter_configs: dict[str, AdapterConfig] = {
             adapter_name: AdapterConfig(r, lora_alpha, float(lora_dropout), bool(use_rslora), bool(use_dora))
         }
         self._stored: dict[str, dict[str, nn.Parameter | None]] = {}  # inactive adapters' tensors
-        self.active_adapter: str | None = adapter_name
-        self._load_config(self._adapter_configs[adapter_name])
+        self._active: _Adapter | None = _Adapter(adapter_name, self._adapter_configs[adapter_name], None, None, None)
         self.lora_fa, self.dynamic_rank = lora_fa, dynamic_rank
         self.quant, self.blocksize, self.double_quant = quant, blocksize, double_quant
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.active_rank: int | None = None  # DyLoRA: fixed runtime rank (None: sample in training)
         self.merged = False
-        self._dora_merge_norm: Tensor | None = None
+        # while merged: (rank merged, DoRA's row norm or None, the pre-merge base kept or None)
+        self._merge_info: tuple[int, Tensor | None, Tensor | NF4Weight | Int8Weight | None] | None = None
         self._sqnorm_cache: tuple[tuple, Tensor] | None = None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
@@ -209,7 +229,77 @@ class LoRALinear(nn.Module):
     def scaling(self) -> float | None:
         """The active adapter's scale: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA); None
         when no adapter is active."""
-        return None if self.r is None else self.scale_for(self.r)
+        rec = self._active
+        return None if rec is None else _scale(rec.cfg, rec.cfg.r)
+
+    # The active adapter's settings, read from (and written as a new) record.
+
+    @property
+    def active_adapter(self) -> str | None:
+        rec = self._active
+        return None if rec is None else rec.name
+
+    @property
+    def r(self) -> int | None:
+        rec = self._active
+        return None if rec is None else rec.cfg.r
+
+    @property
+    def use_dora(self) -> bool:
+        rec = self._active
+        return False if rec is None else rec.cfg.use_dora
+
+    @property
+    def lora_alpha(self) -> float | None:
+        rec = self._active
+        return None if rec is None else rec.cfg.lora_alpha
+
+    @lora_alpha.setter
+    def lora_alpha(self, value: float) -> None:
+        self._set_setting("lora_alpha", value)
+
+    @property
+    def lora_dropout(self) -> float:
+        rec = self._active
+        return 0.0 if rec is None else rec.cfg.lora_dropout
+
+    @lora_dropout.setter
+    def lora_dropout(self, value: float) -> None:
+        self._set_setting("lora_dropout", value)
+
+    @property
+    def use_rslora(self) -> bool:
+        rec = self._active
+        return False if rec is None else rec.cfg.use_rslora
+
+    @use_rslora.setter
+    def use_rslora(self, value: bool) -> None:
+        self._set_setting("use_rslora", value)
+
+    def _set_setting(self, name: str, value) -> None:
+        rec = self._active
+        if rec is None:
+            raise ValueError(f"no active adapter on this layer: set_adapter(name) before setting {name}")
+        self._active = rec._replace(cfg=replace(rec.cfg, **{name: value}))  # validated by AdapterConfig
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        # a direct assignment (layer.lora_A = ..., load_state_dict(assign=True)) updates the record
+        if name in ADAPTER_TENSORS and not self.__dict__.get("_swapping", False):
+            rec = self.__dict__.get("_active")
+            if rec is not None:
+                self._active = rec._replace(**{name: self._parameters.get(name)})
+
+    def _install(self, rec: _Adapter | None) -> None:
+        """Register ``rec``'s tensors as the parameters and make it the active record, in one
+        assignment as a forward sees it (forward reads only the record)."""
+        self._swapping = True
+        try:
+            for k in ADAPTER_TENSORS:
+                setattr(self, k, None if rec is None else getattr(rec, k))
+        finally:
+            self._swapping = False
+        self._active = rec
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The base weight as a dense (out, in) tensor (a transient dequantized copy if quantized)."""
@@ -224,14 +314,6 @@ class LoRALinear(nn.Module):
         """Every adapter of this layer, in the order they were added."""
         return list(self._adapter_configs)
 
-    def _load_config(self, cfg: AdapterConfig | None) -> None:
-        """Expose ``cfg`` as the active settings (None: no active adapter)."""
-        if cfg is None:
-            self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.use_dora = None, None, 0.0, False, False
-        else:
-            self.r, self.lora_alpha, self.lora_dropout = cfg.r, cfg.lora_alpha, cfg.lora_dropout
-            self.use_rslora, self.use_dora = cfg.use_rslora, cfg.use_dora
-
     def _check_has(self, name: str) -> None:
         if name not in self._adapter_configs:
             raise ValueError(f"no adapter {name!r} on this layer; its adapters: {self.adapter_names}")
@@ -242,9 +324,8 @@ class LoRALinear(nn.Module):
         if name is None:
             raise ValueError("no active adapter on this layer; name one")
         self._check_has(name)
-        if name == self.active_adapter:
-            return AdapterConfig(self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.use_dora)
-        c = self._adapter_configs[name]
+        rec = self._active
+        c = rec.cfg if rec is not None and name == rec.name else self._adapter_configs[name]
         return AdapterConfig(c.r, c.lora_alpha, c.lora_dropout, c.use_rslora, c.use_dora)
 
     def adapter_tensors(self, name: str | None = None) -> dict[str, nn.Parameter | None]:
@@ -254,14 +335,16 @@ class LoRALinear(nn.Module):
         if name is None:
             raise ValueError("no active adapter on this layer; name one")
         self._check_has(name)
-        if name == self.active_adapter:
-            return {k: getattr(self, k, None) for k in ADAPTER_TENSORS}
+        rec = self._active
+        if rec is not None and name == rec.name:
+            return {k: getattr(rec, k) for k in ADAPTER_TENSORS}
         return dict(self._stored[name])
 
     def _adapter_dtype(self) -> torch.dtype:
         """The dtype a new adapter gets: that of the layer's adapters, else the base's."""
-        if self.active_adapter is not None:
-            return self.lora_A.dtype
+        rec = self._active
+        if rec is not None and rec.lora_A is not None:
+            return rec.lora_A.dtype
         for tensors in self._stored.values():
             return tensors["lora_A"].dtype
         return self.weight.dtype
@@ -320,23 +403,18 @@ class LoRALinear(nn.Module):
                 new[k] = nn.Parameter(t, requires_grad=not (k == "lora_A" and self.lora_fa))
         self._adapter_configs[name] = cfg
         if name == self.active_adapter:
-            for k, v in new.items():
-                setattr(self, k, v)
-            self._load_config(cfg)
+            self._install(_Adapter(name, cfg, *(new[k] for k in ADAPTER_TENSORS)))
         else:
             self._stored[name] = new
 
     def _stash_active(self) -> None:
-        """Move the active adapter's settings and Parameters aside; leaves no adapter active."""
-        name = self.active_adapter
-        if name is None:
+        """Write the active adapter's settings and Parameters back to the inactive store (the
+        layer keeps them active; the caller installs the next record)."""
+        rec = self._active
+        if rec is None:
             return
-        self._adapter_configs[name] = self.adapter_config(name)
-        self._stored[name] = self.adapter_tensors(name)
-        for k in ADAPTER_TENSORS:
-            setattr(self, k, None)
-        self.active_adapter = None
-        self._load_config(None)
+        self._adapter_configs[rec.name] = rec.cfg
+        self._stored[rec.name] = {k: getattr(rec, k) for k in ADAPTER_TENSORS}
 
     def set_adapter(self, name: str | None) -> None:
         """Make adapter ``name`` the active one (None: none; the layer is then its base linear).
@@ -352,11 +430,13 @@ class LoRALinear(nn.Module):
             warnings.warn("fastlora: set_adapter on a merged layer; unmerging it first (as PEFT)", stacklevel=2)
             self.unmerge()
         self._stash_active()
+        new = None
         if name is not None:
-            for k, v in self._stored.pop(name).items():
-                setattr(self, k, v)
-            self.active_adapter = name
-            self._load_config(self._adapter_configs[name])
+            t = self._stored[name]
+            new = _Adapter(name, self._adapter_configs[name], *(t[k] for k in ADAPTER_TENSORS))
+        self._install(new)  # the one swap a concurrent forward can see
+        if name is not None:
+            del self._stored[name]
 
     def delete_adapter(self, name: str) -> None:
         """Drop adapter ``name``. The active adapter cannot be deleted: ``set_adapter`` another
@@ -371,48 +451,66 @@ class LoRALinear(nn.Module):
         """The rank this forward uses: ``r``, or for DyLoRA ``active_rank`` when set, else a
         uniform sample from [1, r] in training (torch's RNG, so checkpoint recomputation and
         ``torch.manual_seed`` reproduce it) and ``r`` in eval."""
+        rec = self._active
+        if rec is None:
+            raise ValueError("no active adapter on this layer")
+        return self._rank(rec.cfg.r)
+
+    def _rank(self, r: int) -> int:
         if not self.dynamic_rank:
-            return self.r
+            return r
         if self.active_rank is not None:
-            if not 1 <= self.active_rank <= self.r:
-                raise ValueError(f"active_rank must be in [1, {self.r}], got {self.active_rank}")
+            if not 1 <= self.active_rank <= r:
+                raise ValueError(f"active_rank must be in [1, {r}], got {self.active_rank}")
             return self.active_rank
-        return int(torch.randint(1, self.r + 1, ()).item()) if self.training else self.r
+        return int(torch.randint(1, r + 1, ()).item()) if self.training else r
 
     def scale_for(self, b: int) -> float:
-        return self.lora_alpha / math.sqrt(b) if self.use_rslora else self.lora_alpha / b
+        return _scale(self._active.cfg, b)
 
-    def _weight_sqnorm(self) -> Tensor:
-        """``||W_i||^2`` (N,), cached while W is unchanged (tracked by storage and version).
-        Under torch.compile it is recomputed in the graph (storage checks are not traceable)."""
+    def _weight_sqnorm(self, acc: torch.dtype) -> Tensor:
+        """``||W_i||^2`` (N,) in ``acc``, cached while W is unchanged (tracked by storage and
+        version). Under torch.compile it is recomputed in the graph (storage checks are not
+        traceable)."""
         if torch.compiler.is_compiling():
-            acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
             return self.dense_weight().detach().to(acc).square().sum(1)
         t = self.weight.packed if isinstance(self.weight, NF4Weight) else getattr(self.weight, "CB", self.weight)
-        key = (t.data_ptr(), t._version, id(self.weight))
+        key = (t.data_ptr(), t._version, id(self.weight), acc)
         if self._sqnorm_cache is None or self._sqnorm_cache[0] != key:
-            acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
             self._sqnorm_cache = (key, self.dense_weight().detach().to(acc).square().sum(1))
         return self._sqnorm_cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged or self.active_adapter is None:
+        rec = self._active  # read once: a concurrent set_adapter replaces the whole record
+        if self.merged or rec is None:
             return nn.functional.linear(x, self.dense_weight(x.dtype), self.bias)
-        b = self.runtime_rank()
-        # DyLoRA slices are views: A[:b] is contiguous, B[:, :b] strided; no copies
-        A, B = (self.lora_A, self.lora_B) if b == self.r else (self.lora_A[:b], self.lora_B[:, :b])
-        kw = dict(scale=self.scale_for(b), bias=self.bias, dropout_p=self.lora_dropout, training=self.training)
-        if self.use_dora:
+        cfg, A, B = rec.cfg, rec.lora_A, rec.lora_B
+        if self.dynamic_rank and self.active_rank is None and self.training and torch.compiler.is_compiling():
+            # DyLoRA traced: b is drawn as a tensor and B's columns past b are zeroed with the
+            # scale folded in (no data-dependent shape, no graph break); equal to the slices below
+            b = torch.randint(1, cfg.r + 1, (), device=B.device)
+            s = cfg.lora_alpha / (b.double().sqrt() if cfg.use_rslora else b.double())
+            cols = torch.arange(cfg.r, device=B.device) < b
+            B, scale = B * torch.where(cols, s, 0.0).to(B.dtype), 1.0
+        else:
+            b = self._rank(cfg.r)
+            # DyLoRA slices are views: A[:b] is contiguous, B[:, :b] strided; no copies
+            if b != cfg.r:
+                A, B = A[:b], B[:, :b]
+            scale = _scale(cfg, b)
+        kw = dict(scale=scale, bias=self.bias, dropout_p=cfg.lora_dropout, training=self.training)
+        if cfg.use_dora:
+            acc = torch.float64 if A.dtype == torch.float64 else torch.float32
             return dora_linear(
-                x, self.weight, A, B, self.lora_magnitude_vector, weight_sqnorm=self._weight_sqnorm(), **kw
+                x, self.weight, A, B, rec.lora_magnitude_vector, weight_sqnorm=self._weight_sqnorm(acc), **kw
             )
         return lora_linear(x, self.weight, A, B, **kw)
 
     def delta_weight(self) -> Tensor:
         """``scaling * B @ A`` (out, in) at the runtime rank, in float32 (float64 for fp64 A)."""
-        acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
-        b = self.r if not self.dynamic_rank or self.active_rank is None else self.active_rank
-        return (self.lora_B[:, :b].to(acc) @ self.lora_A[:b].to(acc)).mul_(self.scale_for(b))
+        rec = self._active
+        b = rec.cfg.r if not self.dynamic_rank or self.active_rank is None else self.active_rank
+        return _delta(rec, b)
 
     @torch.no_grad()
     def _set_base(self, w: Tensor) -> None:
@@ -423,31 +521,58 @@ class LoRALinear(nn.Module):
             self.weight.copy_(w.to(self.weight.dtype))
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, keep_base: bool = True) -> None:
         """Fold the adapter into ``weight`` so that forward is a plain linear (inference).
         DoRA: ``W <- (m / ||W + dW||_row) * (W + dW)``, as PEFT. A quantized base is requantized,
-        which rounds (as PEFT does with bitsandbytes)."""
-        if self.merged or self.active_adapter is None:
+        which rounds (as PEFT does with bitsandbytes).
+
+        ``keep_base``: where the merge is lossy in a way that repeated merge/unmerge would
+        accumulate, keep the pre-merge base so that :meth:`unmerge` restores it exactly: the
+        quantized object for NF4 / int8 bases (its packed bytes, no copy) and a copy of W for DoRA
+        on a dense base. A plain dense base keeps nothing: unmerge subtracts the same delta (at
+        the rank merged), off by at most one rounding of W's dtype, which does not grow with
+        repetition. ``keep_base=False`` keeps nothing for any base (unmerge recomputes: DoRA and
+        quantized bases then drift with every cycle)."""
+        rec = self._active
+        if self.merged or rec is None:
             return
-        d = self.delta_weight()
+        b = rec.cfg.r if not self.dynamic_rank or self.active_rank is None else self.active_rank
+        d = _delta(rec, b)
+        kept = None
+        if keep_base and self.is_quantized:
+            kept = self.weight  # _set_base replaces the object, so this one stays unchanged
+        elif keep_base and rec.cfg.use_dora:
+            kept = self.weight.detach().clone()
         w = self.dense_weight(d.dtype) + d
-        if self.use_dora:
-            self._dora_merge_norm = torch.linalg.norm(w, dim=1)
-            w = w * (self.lora_magnitude_vector.to(d.dtype) / self._dora_merge_norm).unsqueeze(1)
+        norm = None
+        if rec.cfg.use_dora:
+            norm = torch.linalg.norm(w, dim=1)
+            w = w * (rec.lora_magnitude_vector.to(d.dtype) / norm).unsqueeze(1)
         self._set_base(w)
+        self._merge_info = (b, norm, kept)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge` (exact up to the rounding of W's dtype or quantization)."""
+        """Undo :meth:`merge`: exactly where merge kept the base (see there), else by subtracting
+        the delta merged (at the rank merged, for DyLoRA), up to the rounding of W's dtype or a
+        requantization."""
         if not self.merged:
             return
-        d = self.delta_weight()
-        w = self.dense_weight(d.dtype)
-        if self.use_dora:
-            w = w / (self.lora_magnitude_vector.to(d.dtype) / self._dora_merge_norm).unsqueeze(1)
-            self._dora_merge_norm = None
-        self._set_base(w - d)
+        b, norm, kept = self._merge_info
+        rec = self._active
+        if kept is not None:
+            if self.is_quantized:
+                self.weight = kept
+            else:
+                self.weight.copy_(kept)
+        else:
+            d = _delta(rec, b)
+            w = self.dense_weight(d.dtype)
+            if norm is not None:
+                w = w / (rec.lora_magnitude_vector.to(d.dtype) / norm).unsqueeze(1)
+            self._set_base(w - d)
+        self._merge_info = None
         self.merged = False
 
     # ---- quantized base: state dict and device moves ------------------------------------
@@ -460,16 +585,28 @@ class LoRALinear(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        if self.merged and prefix + "weight" in state_dict and self._merge_info[2] is not None:
+            # a loaded base replaces the merged one: unmerge can no longer restore the kept base
+            self._merge_info = (*self._merge_info[:2], None)
         if self.is_quantized:
-            own = {k: v for k, v in state_dict.items() if k == prefix + "weight" or k.startswith(prefix + "weight.")}
+            # bitsandbytes' keys: Linear4bit's weight and weight.*, Linear8bitLt's weight, SCB, weight_format
+            extra = (prefix + "SCB", prefix + "weight_format") if isinstance(self.weight, Int8Weight) else ()
+            own = {
+                k: v
+                for k, v in state_dict.items()
+                if k == prefix + "weight" or k.startswith(prefix + "weight.") or k in extra
+            }
             if own:
                 # validated by from_state_dict; a damaged entry raises before anything changes
-                q = type(self.weight).from_state_dict(own, prefix)
+                if isinstance(self.weight, Int8Weight):
+                    q = Int8Weight.from_state_dict(own, prefix, dtype=self.weight.dtype)
+                else:
+                    q = NF4Weight.from_state_dict(own, prefix)
                 if tuple(q.shape) != (self.out_features, self.in_features):
                     raise ValueError(
                         f"{prefix}weight: shape {tuple(q.shape)} != ({self.out_features}, {self.in_features})"
                     )
-                self.weight = q.to(self.lora_A.device)
+                self.weight = q.to(self.weight.device)
                 self._sqnorm_cache = None
             elif strict:
                 missing_keys.append(prefix + "weight")
@@ -480,10 +617,20 @@ class LoRALinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
+        rec = self._active
+        if rec is not None:  # Module._apply may have put new Parameter objects in _parameters
+            self._active = rec._replace(**{k: self._parameters.get(k) for k in ADAPTER_TENSORS})
+        if self._merge_info is not None and isinstance(self._merge_info[2], Tensor):
+            b, norm, kept = self._merge_info  # DoRA's kept dense base follows the weight
+            with torch.no_grad():
+                self._merge_info = (b, None if norm is None else fn(norm), fn(kept))
         if self.is_quantized:  # follow device moves; the packed format never changes dtype
             device = fn(torch.empty(0, device=self.weight.device)).device
             if device != self.weight.device:
                 self.weight = self.weight.to(device)
+            if self._merge_info is not None and isinstance(self._merge_info[2], QUANTIZED):
+                b, norm, kept = self._merge_info
+                self._merge_info = (b, None if norm is None else norm.to(device), kept.to(device))
         # inactive adapters follow device/dtype moves too, keeping their Parameter objects as
         # Module._apply does for registered ones
         for tensors in self._stored.values():
@@ -513,6 +660,17 @@ class LoRALinear(nn.Module):
             f"{head}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
             f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, merged={self.merged}{opts}"
         )
+
+
+def _scale(cfg: AdapterConfig, b: int) -> float:
+    """The scale at rank ``b``: ``lora_alpha / b`` (``/ sqrt(b)`` with rsLoRA)."""
+    return cfg.lora_alpha / math.sqrt(b) if cfg.use_rslora else cfg.lora_alpha / b
+
+
+def _delta(rec: _Adapter, b: int) -> Tensor:
+    """``scale * B[:, :b] @ A[:b]`` (out, in) in float32 (float64 for fp64 A)."""
+    acc = torch.float64 if rec.lora_A.dtype == torch.float64 else torch.float32
+    return (rec.lora_B[:, :b].to(acc) @ rec.lora_A[:b].to(acc)).mul_(_scale(rec.cfg, b))
 
 
 def _matches(name: str, target_modules: str | Iterable[str]) -> bool:
