@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from .nf4 import _OP_DTYPES, _check_finite, _check_out, _check_weight
+from .nf4 import _OP_DTYPES, _check_finite, _check_out, _check_weight, check_stats
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -119,6 +119,7 @@ class Int8Weight:
             raise ValueError(f"{f}: only the row-major format (0) is supported, got {fmt!r}")
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
+        check_stats(scb, dtype, s)
         return cls(cb, scb, dtype)
 
 

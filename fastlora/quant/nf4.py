@@ -117,6 +117,8 @@ def dynamic_map_signed() -> Tensor:
 
 
 def _check_blocksize(blocksize: int) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"blocksize must be an int, one of {SUPPORTED_BLOCKSIZES}, got {blocksize!r}")
     if blocksize not in SUPPORTED_BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize!r}")
 
@@ -241,7 +243,13 @@ def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int = NESTED_BLO
     absmax = blk.abs().amax(dim=1)
     zero = absmax == 0
     inv = torch.where(zero, 0.0, torch.reciprocal(absmax))
-    v = (blk * inv.unsqueeze(1)).clamp_(-1, 1)
+    v = blk * inv.unsqueeze(1)
+    tiny = torch.isinf(inv)
+    if bool(tiny.any()):
+        # a subnormal absmax has no finite reciprocal (bnb's C++ then multiplies by inf: 0 * inf is
+        # NaN, an undefined index): divide those blocks instead. Normal inputs never get here.
+        v = torch.where(tiny.unsqueeze(1), blk / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1), v)
+    v = v.clamp_(-1, 1)
     idx = (((v + 1.0) * 0.5) * (_LUT_SIZE - 1) + 0.5).to(torch.int32)  # C++ order, truncation
     q = lut[idx.long()].masked_fill_(zero.unsqueeze(1), 0)
     return q.view(-1)[:n], absmax
@@ -276,6 +284,30 @@ def _check_finite(stats: Tensor, weight: Tensor) -> None:
     # NaN/Inf propagate into the max-abs statistics, so checking them avoids a pass over W.
     if not bool(torch.isfinite(stats).all()):
         raise ValueError(f"weight (shape {tuple(weight.shape)}) has NaN or Inf entries")
+
+
+# Loaded statistics may exceed the largest value of the weight's dtype by this factor (double
+# quant's reconstruction rounds); beyond it they cannot come from a weight of that dtype.
+_STATS_MARGIN = 1.01
+
+
+def check_stats(stats: Tensor, dtype: torch.dtype, name: str, nonnegative: bool = True) -> None:
+    """Loaded absmax-like statistics must be finite, within ``dtype``'s range (a weight of that
+    dtype has no larger magnitude; larger ones overflow every output) and, where they are a max of
+    magnitudes, >= 0. Raises ValueError (a corrupt or hostile file)."""
+    s = stats.detach().float()
+    if s.numel() == 0:
+        return
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"{name}: NaN or Inf statistics (corrupt state dict)")
+    limit = torch.finfo(dtype).max * _STATS_MARGIN
+    if float(s.abs().max()) > limit:
+        raise ValueError(
+            f"{name}: statistics up to {float(s.abs().max()):.3g} exceed what a {dtype} weight can hold "
+            f"({torch.finfo(dtype).max:.3g}; corrupt state dict)"
+        )
+    if nonnegative and float(s.min()) < 0:
+        raise ValueError(f"{name}: negative absmax {float(s.min()):.3g} (corrupt state dict)")
 
 
 class NF4Weight:
@@ -323,9 +355,13 @@ class NF4Weight:
         if not double_quant:
             return cls(packed, absmax, weight.shape, weight.dtype, blocksize)
         offset = absmax.mean()  # same reduction as bnb, so the same fp32 sum order
+        if not bool(torch.isfinite(offset)):
+            # the fp32 sum overflowed (|W| near float32's max; bnb's offset is inf there): the
+            # exact mean fits, as every absmax does
+            offset = absmax.double().mean().float()
         nested_code = dynamic_map_signed().to(weight.device)
         qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code)
-        return cls(
+        q = cls(
             packed,
             qabsmax,
             weight.shape,
@@ -335,6 +371,12 @@ class NF4Weight:
             nested_absmax=nested_absmax,
             nested_code=nested_code,
         )
+        if not bool(torch.isfinite(q.block_absmax()).all()):  # offset + code * nested_absmax overflowed
+            raise ValueError(
+                f"weight (shape {tuple(weight.shape)}): magnitudes up to {float(absmax.max()):.3g} are too close to "
+                "float32's max for double quant; use double_quant=False"
+            )
+        return q
 
     @property
     def double_quant(self) -> bool:
@@ -469,8 +511,9 @@ class NF4Weight:
             nbs = meta["nested_blocksize"]
             if not isinstance(nbs, int) or nbs <= 0 or meta["nested_dtype"] != "float32":
                 raise ValueError(f"{w}: bad nested_blocksize {nbs!r} / nested_dtype")
-            if not isinstance(meta["nested_offset"], (int, float)):
-                raise ValueError(f"{w}: nested_offset {meta['nested_offset']!r} is not a number")
+            off = meta["nested_offset"]
+            if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):
+                raise ValueError(f"{w}: nested_offset {off!r} is not a finite number")
             _expect(ours["nested_absmax"], f"{w}.nested_absmax", torch.float32, (-(-nblocks // nbs),))
             _expect(ours["nested_quant_map"], f"{w}.nested_quant_map", torch.float32, (256,))
             kw = dict(
@@ -479,7 +522,7 @@ class NF4Weight:
                 nested_code=ours["nested_quant_map"],
                 nested_blocksize=nbs,
             )
-        return cls(
+        q = cls(
             packed,
             ours["absmax"],
             shape,
@@ -488,6 +531,14 @@ class NF4Weight:
             code=ours["quant_map"],
             **kw,
         )
+        # corrupt statistics would load and make every output NaN or Inf: refuse them here
+        if nested:
+            check_stats(ours["nested_quant_map"], torch.float32, f"{w}.nested_quant_map", nonnegative=False)
+            check_stats(ours["nested_absmax"], torch.float32, f"{w}.nested_absmax")
+            check_stats(q.block_absmax(), q.dtype, f"{w}.absmax (with nested_absmax and nested_offset)", False)
+        else:
+            check_stats(ours["absmax"], q.dtype, f"{w}.absmax")
+        return q
 
 
 def nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None = None) -> Tensor:
@@ -520,6 +571,8 @@ def _unpack_json(t: object, name: str) -> dict:
         raise ValueError(f"{name}.quant_state.bitsandbytes__nf4 must be a 1-D uint8 tensor")
     try:
         meta = json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{name}: quant_state JSON is nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{name}: quant_state is not valid JSON ({e})") from None
     if not isinstance(meta, dict):
