@@ -2,7 +2,8 @@
 
 Nothing here is fast. Every backend is tested against these functions, in float64 where the
 test asks for it. Dropout is given as an explicit boolean keep-mask so that the oracle owns no
-random number generator.
+random number generator. A dropped element contributes exactly zero whatever its value (NaN and
+Inf included): ``where(keep, x / (1 - p), 0)``, not ``x * mask``, the rule every backend follows.
 """
 
 from __future__ import annotations
@@ -32,9 +33,7 @@ def lora_linear_ref(
     y = x @ weight.T
     if bias is not None:
         y = y + bias
-    xd = x
-    if keep_mask is not None:
-        xd = x * keep_mask.to(x.dtype) * (1.0 / (1.0 - dropout_p))
+    xd = x if keep_mask is None else _dropout(x, keep_mask, dropout_p)
     z = xd @ lora_A.T
     return y + scale * (z @ lora_B.T)
 
@@ -53,14 +52,19 @@ def lora_grads_ref(
 
     g: (M, N) upstream gradient. Written out term by term from DESIGN.md section 1.
     """
-    m = torch.ones_like(x) if keep_mask is None else keep_mask.to(x.dtype) * (1.0 / (1.0 - dropout_p))
-    xd = x * m
+    drop = (lambda t: t) if keep_mask is None else (lambda t: _dropout(t, keep_mask, dropout_p))
+    xd = drop(x)
     z = xd @ lora_A.T
     dz = scale * (g @ lora_B)  # dz = s g B
     dB = scale * (g.T @ z)  # dB = s g^T z
     dA = dz.T @ xd  # dA = dz^T xd
-    dx = g @ weight + (dz @ lora_A) * m  # dx = g W + mask * (dz A) / (1 - p)
+    dx = g @ weight + drop(dz @ lora_A)  # dx = g W + mask * (dz A) / (1 - p)
     return dx, dA, dB, g.sum(0)
+
+
+def _dropout(x: Tensor, keep_mask: Tensor, dropout_p: float) -> Tensor:
+    """``where(keep, x / (1 - p), 0)``: a dropped element is exactly 0, even when x is NaN or Inf."""
+    return torch.where(keep_mask, x * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def rslora_scale(lora_alpha: float, r: int) -> float:
@@ -99,7 +103,7 @@ def dora_ref(
     if keep_mask is None:
         y = g * (base + scale * (x @ lora_A.T) @ lora_B.T)
     else:
-        xd = x * keep_mask.to(x.dtype) * (1.0 / (1.0 - dropout_p))
+        xd = _dropout(x, keep_mask, dropout_p)
         y = base + (g - 1) * (xd @ weight.T) + g * scale * ((xd @ lora_A.T) @ lora_B.T)
     return y if bias is None else y + bias
 
