@@ -385,3 +385,51 @@ def test_gemm_tiles_fit_shared_memory(monkeypatch):
     # nothing fits: the smallest config is still there to launch
     monkeypatch.setattr(fwd, "max_shared_memory", lambda: 1024)
     assert fwd._prune_gemm(space[::-1], args, WQ=tk.quant.DENSE, IEEE=False) == space[1:]
+
+
+@pytest.mark.parametrize("where", ["bias", "tail"])
+def test_fp32_sums_the_gemm_before_adding_bias_and_tail(where, monkeypatch):
+    """Issue 16: compiled for an H100, fp32 y was 3-6x less accurate than torch because F2 started
+    its accumulator at s z B^T + bias, so each FMA of the K loop rounded at y's scale. The
+    interpreter's dots are exact per K tile, so here the same fault shows as one rounding per K
+    tile: y ~ 2**24 (ulp 2) plus 8 tiles of x W^T that each sum to ~1.2 lose ~0.8 per tile when
+    added to the big accumulator, ~6 ulps in all, against torch's one rounding of the sum.
+    B2 (dx = g W + tail) is held to the same order. With TF32 allowed (the tensor-core order,
+    tail first, which is harmless at TF32's precision) the same inputs show the fault, so this
+    test fails for a kernel that sums in the wrong order."""
+    M, K, N = 4, 256, 16
+    x = torch.ones(M, K, device=DEVICE)
+    W = torch.full((N, K), 1.2 / 32, device=DEVICE)
+    A = torch.zeros(1, K, device=DEVICE)
+    B = torch.zeros(N, 1, device=DEVICE)
+    bias = None
+    if where == "bias":
+        bias = torch.full((N,), 2.0**24, device=DEVICE)
+    else:
+        A[0] = 2.0**24 / K  # z = x A^T = 2**24 exactly; s = 1
+        B[:, 0] = 1.0
+    want = (
+        x.double() @ W.double().T + (0 if bias is None else bias.double())
+    ) + x.double() @ A.double().T @ B.double().T
+    torch_err = ((x @ W.T + (0 if bias is None else bias)) + (x @ A.T) @ B.T).double().sub(want).abs().max().item()
+
+    def err_y():
+        y, _ = tk.lora_forward(x, W, bias, A, B, 1.0, 0.0, SEED)
+        return (y.double() - want).abs().max().item()
+
+    ulp = 2.0  # of fp32 at 2**24
+    assert err_y() <= 2 * torch_err + ulp
+    # B2: dx = g W + dz A with g W ~ 8 tiles of 1.2 and the tail 2**24
+    g = torch.ones(M, N * 16, device=DEVICE)
+    Wd = torch.full((N * 16, K), 1.2 / 32, device=DEVICE)
+    dz = torch.full((M, 1), 2.0**24, device=DEVICE)
+    Ad = torch.ones(1, K, device=DEVICE)
+    want_dx = g.double() @ Wd.double() + dz.double() @ Ad.double()
+    torch_dx_err = (g @ Wd + dz @ Ad).double().sub(want_dx).abs().max().item()
+    dx = tk.lora_bwd_dx(g, dz, Wd, Ad, 0.0, SEED)
+    assert (dx.double() - want_dx).abs().max().item() <= 2 * torch_dx_err + ulp
+    # the tail-first order (what TF32 runs; the bias is added last in every order) on the same
+    # inputs is what this test exists to catch
+    if where == "tail":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        assert err_y() > 2 * torch_err + ulp

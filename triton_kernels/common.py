@@ -138,5 +138,38 @@ def configs(gpu: list[triton.Config], interpret: triton.Config) -> list[triton.C
     return [interpret] if INTERPRET else gpu
 
 
+# FASTLORA_TRITON_PIN=1: every kernel runs one config (the first that survives its pruning), so
+# nothing is timed and each kernel compiles once per specialisation (the compiled test runs).
+PIN_ENV = "FASTLORA_TRITON_PIN"
+
+
+def pinned() -> bool:
+    return os.environ.get(PIN_ENV, "0") not in ("", "0")
+
+
+def _pin(prune):
+    def prune_then_pin(configs_, named_args, **kwargs):
+        kept = prune(configs_, named_args, **kwargs) if prune is not None else configs_
+        return kept[:1] if pinned() else kept
+
+    return prune_then_pin
+
+
+def autotune(gpu: list[triton.Config], interpret: triton.Config, key: list[str], prune=None):
+    """``triton.autotune`` as every fastlora kernel uses it: the space of :func:`configs`, at
+    most 4 configs (GEMMs) or 3 (side kernels) so that the first call at a new shape tunes in
+    seconds, ``prune`` then the pin (:data:`PIN_ENV`), and the timings kept on disk by triton
+    (``cache_results``: a new process at a known shape does not tune again). ``key`` holds only
+    the arguments that change which config is fastest."""
+    if len(gpu) > 4:
+        raise ValueError(f"at most 4 autotune configs per kernel, got {len(gpu)}")
+    return triton.autotune(
+        configs=configs(gpu, interpret),
+        key=key,
+        prune_configs_by={"early_config_prune": _pin(prune)},
+        cache_results=not INTERPRET,
+    )
+
+
 def cfg(num_warps: int = 4, num_stages: int = 3, **blocks: int) -> triton.Config:
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)

@@ -19,9 +19,9 @@ from torch.library import wrap_triton
 
 from .common import (
     INTERPRET,
+    autotune,
     cfg,
     check_dtype,
-    configs,
     dot_flags,
     dropout_args,
     m_bucket,
@@ -31,18 +31,23 @@ from .common import (
     round_to,
     sm_count,
 )
-from .lora_fwd import _GEMM_CONFIGS, _prune_gemm, grouped_tile
+from .lora_fwd import _GEMM_GPU, _GEMM_INTERPRET, _prune_gemm, grouped_tile
 from .philox import keep_tile
 from .quant import QuantWeight, dequant_tile, weight_operands
 
 _DROPOUT = ["seed_lo", "seed_hi", "thresh"]
 
+
 # B2 reduces over N and tiles K: F2's configs with the roles of BLOCK_N and BLOCK_K swapped, so
 # the pipelined operand tiles stay the same size.
-_DX_CONFIGS = [
-    cfg(c.num_warps, c.num_stages, **{**c.kwargs, "BLOCK_N": c.kwargs["BLOCK_K"], "BLOCK_K": c.kwargs["BLOCK_N"]})
-    for c in _GEMM_CONFIGS
-]
+def _swap_nk(c):
+    return cfg(
+        c.num_warps, c.num_stages, **{**c.kwargs, "BLOCK_N": c.kwargs["BLOCK_K"], "BLOCK_K": c.kwargs["BLOCK_N"]}
+    )
+
+
+_DX_GPU = [_swap_nk(c) for c in _GEMM_GPU]
+_DX_INTERPRET = _swap_nk(_GEMM_INTERPRET)
 
 # B2's output columns are K (BLOCK_K), its reduction N (BLOCK_N), its row operand g
 _prune_dx = functools.partial(_prune_gemm, out_block="BLOCK_K", red_block="BLOCK_N", a_arg="g_ptr")
@@ -51,11 +56,9 @@ _prune_dx = functools.partial(_prune_gemm, out_block="BLOCK_K", red_block="BLOCK
 _B1_BLOCK_M = 16 if INTERPRET else 64
 
 
-@triton.autotune(
-    configs=configs(
-        [cfg(4, 3, BLOCK_N=64), cfg(4, 3, BLOCK_N=128), cfg(8, 3, BLOCK_N=128), cfg(8, 3, BLOCK_N=256)],
-        cfg(1, 1, BLOCK_N=32),
-    ),
+@autotune(
+    [cfg(4, 3, BLOCK_N=64), cfg(8, 3, BLOCK_N=128), cfg(8, 3, BLOCK_N=256)],
+    cfg(1, 1, BLOCK_N=32),
     key=["M_BUCKET", "N", "R_PAD", "NEED_DZ", "NEED_DB"],
 )
 @triton.jit
@@ -120,10 +123,35 @@ def _lora_bwd_dz_dB_kernel(
             tl.debug_barrier()
 
 
-@triton.autotune(
-    configs=_DX_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "WQ", "QBLOCK", "IEEE"],
-    prune_configs_by={"early_config_prune": _prune_dx},
+@triton.jit
+def _dx_tail_tile(dz_ptr, a_ptr, rows, k0, m_ok, k_ok, K, R, stride_dzm, stride_dzr, stride_ar, stride_ak,
+                  seed_lo, seed_hi, thresh, keep_scale, acc, HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """``acc + keep * (dz[rows] @ A[:, k0:k0+BLOCK_K]) / (1 - p)`` (acc is zero or masked along)."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        r_ok = r0 + rr < R
+        dz = tl.load(
+            dz_ptr + rows[:, None] * stride_dzm + (r0 + rr)[None, :] * stride_dzr,
+            mask=m_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            a_ptr + (r0 + rr)[:, None] * stride_ar + cols[None, :] * stride_ak,
+            mask=r_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        acc = mma(dz.to(a.dtype), a, acc, UPCAST, IEEE)
+    if HAS_DROPOUT:
+        # dx_lora = keep * (dz A) / (1 - p)
+        keep = keep_tile(rows, k0, K, seed_lo, seed_hi, thresh, BLOCK_K, ALIGNED)
+        acc = tl.where(keep, acc * keep_scale, 0.0)
+    return acc
+
+
+@autotune(
+    _DX_GPU, _DX_INTERPRET, key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "WQ", "QBLOCK", "IEEE"], prune=_prune_dx
 )
 @triton.jit(do_not_specialize=_DROPOUT)
 def _lora_bwd_dx_kernel(
@@ -152,24 +180,11 @@ def _lora_bwd_dx_kernel(
     k_ok = cols < K
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-    rr = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        r_ok = r0 + rr < R
-        dz = tl.load(
-            dz_ptr + rows[:, None] * stride_dzm + (r0 + rr)[None, :] * stride_dzr,
-            mask=m_ok[:, None] & r_ok[None, :],
-            other=0.0,
-        )
-        a = tl.load(
-            a_ptr + (r0 + rr)[:, None] * stride_ar + cols[None, :] * stride_ak,
-            mask=r_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        acc = mma(dz.to(a.dtype), a, acc, UPCAST, IEEE)
-    if HAS_DROPOUT:
-        # dx_lora = keep * (dz A) / (1 - p)
-        keep = keep_tile(rows, k0, K, seed_lo, seed_hi, thresh, BLOCK_K, ALIGNED)
-        acc = tl.where(keep, acc * keep_scale, 0.0)
+    if not IEEE:
+        # 16-bit / TF32: the masked tail first, one accumulator through the N loop
+        acc = _dx_tail_tile(dz_ptr, a_ptr, rows, k0, m_ok, k_ok, K, R, stride_dzm, stride_dzr, stride_ar,
+                            stride_ak, seed_lo, seed_hi, thresh, keep_scale, acc, HAS_DROPOUT, ALIGNED,
+                            UPCAST, IEEE, BLOCK_R, BLOCK_K)  # fmt: skip
 
     ns = tl.arange(0, BLOCK_N)
     g_ptrs = g_ptr + rows[:, None] * stride_gm + ns[None, :] * stride_gn
@@ -191,20 +206,19 @@ def _lora_bwd_dx_kernel(
         g_ptrs += BLOCK_N * stride_gn
         w_ptrs += BLOCK_N * stride_wn
 
+    if IEEE:
+        # IEEE fp32: g W summed from zero, the tail in its own accumulator, added once (as F2)
+        tail = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+        acc += _dx_tail_tile(dz_ptr, a_ptr, rows, k0, m_ok, k_ok, K, R, stride_dzm, stride_dzr, stride_ar,
+                             stride_ak, seed_lo, seed_hi, thresh, keep_scale, tail, HAS_DROPOUT, ALIGNED,
+                             UPCAST, IEEE, BLOCK_R, BLOCK_K)  # fmt: skip
     dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
-@triton.autotune(
-    configs=configs(
-        [
-            cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
-            cfg(4, 3, BLOCK_M=64, BLOCK_K=128),
-            cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
-            cfg(8, 3, BLOCK_M=64, BLOCK_K=256),
-        ],
-        cfg(1, 1, BLOCK_M=16, BLOCK_K=32),
-    ),
+@autotune(
+    [cfg(4, 3, BLOCK_M=64, BLOCK_K=64), cfg(4, 3, BLOCK_M=64, BLOCK_K=128), cfg(8, 3, BLOCK_M=128, BLOCK_K=64)],
+    cfg(1, 1, BLOCK_M=16, BLOCK_K=32),
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
 )
 @triton.jit(do_not_specialize=_DROPOUT)

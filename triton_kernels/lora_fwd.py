@@ -12,6 +12,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .common import (
+    autotune,
     cfg,
     check_dtype,
     configs,
@@ -72,20 +73,16 @@ def _shared_bytes(c, item, out_block, red_block, WQ=DENSE, FUSE_SHRINK=False, R_
     return (c.num_stages * staged + once) * c.kwargs[red_block] * item
 
 
-_GEMM_CONFIGS = configs(
-    [
-        cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-        cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
-        cfg(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8),
-    ],
-    cfg(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
-)
+# At most 4 configs (tuning cost): the large Hopper tile, two mid tiles, a short one for
+# decode-sized M (the pruning keeps BLOCK_M <= max(M, 32)).
+_GEMM_GPU = [
+    cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    cfg(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8),
+]
+_GEMM_INTERPRET = cfg(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+_GEMM_CONFIGS = configs(_GEMM_GPU, _GEMM_INTERPRET)
 
 
 @triton.jit
@@ -103,19 +100,11 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     return pid_m, pid_n
 
 
-@triton.autotune(
-    configs=configs(
-        [
-            cfg(4, 3, BLOCK_M=32, BLOCK_K=128),
-            cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
-            cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
-            cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
-            cfg(4, 4, BLOCK_M=16, BLOCK_K=256),
-        ],
-        cfg(1, 1, BLOCK_M=16, BLOCK_K=32),
-    ),
+@autotune(
+    [cfg(4, 3, BLOCK_M=32, BLOCK_K=128), cfg(8, 3, BLOCK_M=64, BLOCK_K=128), cfg(4, 4, BLOCK_M=16, BLOCK_K=256)],
+    cfg(1, 1, BLOCK_M=16, BLOCK_K=32),
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": _prune_m},
+    prune=_prune_m,
 )
 @triton.jit(do_not_specialize=_DROPOUT)
 def _lora_shrink_kernel(
@@ -150,10 +139,34 @@ def _lora_shrink_kernel(
     tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (rs[None, :] < R))
 
 
-@triton.autotune(
-    configs=_GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "FUSE_SHRINK", "HAS_BIAS", "WQ", "QBLOCK", "IEEE"],
-    prune_configs_by={"early_config_prune": _prune_gemm},
+@triton.jit
+def _tail_tile(z_ptr, b_ptr, rows, cols, m_ok, n_ok, R, stride_zm, stride_zr, stride_bn, stride_br,
+               acc, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """``acc + z[rows] @ B[cols]^T`` over the rank in chunks of BLOCK_R (unscaled)."""
+    rr = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        r_ok = r0 + rr < R
+        z = tl.load(
+            z_ptr + rows[:, None] * stride_zm + (r0 + rr)[None, :] * stride_zr,
+            mask=m_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
+        bt = tl.load(
+            b_ptr + cols[None, :] * stride_bn + (r0 + rr)[:, None] * stride_br,
+            mask=r_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        acc = mma(z, bt, acc, UPCAST, IEEE)
+    return acc
+
+
+# HAS_BIAS changes no tile choice; HAS_DROPOUT is only read with FUSE_SHRINK (the launcher
+# passes False otherwise), so the dense unfused kernel tunes once for both.
+@autotune(
+    _GEMM_GPU,
+    _GEMM_INTERPRET,
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "FUSE_SHRINK", "WQ", "QBLOCK", "IEEE"],
+    prune=_prune_gemm,
 )
 @triton.jit(do_not_specialize=_DROPOUT)
 def _lora_fwd_kernel(
@@ -186,24 +199,11 @@ def _lora_fwd_kernel(
     n_ok = cols < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    if not FUSE_SHRINK:
-        rr = tl.arange(0, BLOCK_R)
-        for r0 in range(0, R, BLOCK_R):
-            r_ok = r0 + rr < R
-            z = tl.load(
-                z_ptr + rows[:, None] * stride_zm + (r0 + rr)[None, :] * stride_zr,
-                mask=m_ok[:, None] & r_ok[None, :],
-                other=0.0,
-            )
-            bt = tl.load(
-                b_ptr + cols[None, :] * stride_bn + (r0 + rr)[:, None] * stride_br,
-                mask=r_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            acc = mma(z, bt, acc, UPCAST, IEEE)
-        acc = acc * scale
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if not FUSE_SHRINK and not IEEE:
+        # 16-bit / TF32 operands: the tail first, so one accumulator carries through the K loop
+        # (the fp32 roundings this adds vanish in the output's own rounding).
+        acc = _tail_tile(z_ptr, b_ptr, rows, cols, m_ok, n_ok, R, stride_zm, stride_zr, stride_bn, stride_br,
+                         acc, UPCAST, IEEE, BLOCK_R) * scale  # fmt: skip
 
     x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk
     wt_ptrs = w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk  # W^T tile (BLOCK_K, BLOCK_N)
@@ -245,8 +245,23 @@ def _lora_fwd_kernel(
             other=0.0,
         )
         # s is folded into the fp32 z before its one rounding to the operand dtype
-        acc = mma((zacc * scale).to(bt.dtype), bt, acc, UPCAST, IEEE)
+        zs = (zacc * scale).to(bt.dtype)
+        if IEEE:  # its own accumulator, added once (see the unfused IEEE tail below)
+            acc += mma(zs, bt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE)
+        else:
+            acc = mma(zs, bt, acc, UPCAST, IEEE)
 
+    if not FUSE_SHRINK and IEEE:
+        # IEEE fp32 (FMA dots, one rounding per product at the accumulator's scale): x W^T is
+        # summed from zero and the tail in its own accumulator, then added once, as torch
+        # orders it. Started from the tail (or the bias), every one of the K FMAs would round at
+        # y's scale: compiled on an H100 that was 3-6x torch's error (issue 16).
+        tail = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        tail = _tail_tile(z_ptr, b_ptr, rows, cols, m_ok, n_ok, R, stride_zm, stride_zr, stride_bn, stride_br,
+                          tail, UPCAST, IEEE, BLOCK_R)  # fmt: skip
+        acc += tail * scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -307,7 +322,7 @@ def lora_forward(
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), *w_strides, lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), z.stride(0), z.stride(1), y.stride(0), y.stride(1),
-        scale, **dropout_args(p, seed),
+        scale, **dropout_args(p if fuse_shrink else 0.0, seed),
         HAS_BIAS=bias is not None, FUSE_SHRINK=fuse_shrink, ALIGNED=K % 4 == 0,
         R_PAD=r_pad, BLOCK_R=min(r_pad, 64), **w_meta, **dot_flags(x.dtype),
     )  # fmt: skip

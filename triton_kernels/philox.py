@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cfg, configs, dropout_args, new_buffer
+from .common import autotune, cfg, check_dtype, dropout_args, new_buffer, round_to
 
 
 @triton.jit
@@ -59,11 +59,11 @@ def keep_tile(rows, col0, K, seed_lo, seed_hi, thresh, BLOCK_K: tl.constexpr, AL
     return r >= t
 
 
-@triton.autotune(
-    configs=configs([cfg(BLOCK_M=32, BLOCK_K=128), cfg(BLOCK_M=8, BLOCK_K=512)], cfg(1, 1, BLOCK_M=16, BLOCK_K=32)),
-    key=["K"],
-)
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "thresh"])
+_DROPOUT = ["seed_lo", "seed_hi", "thresh"]
+
+
+@autotune([cfg(BLOCK_M=32, BLOCK_K=128), cfg(BLOCK_M=8, BLOCK_K=512)], cfg(1, 1, BLOCK_M=16, BLOCK_K=32), key=["K"])
+@triton.jit(do_not_specialize=_DROPOUT)
 def _keep_mask_kernel(
     out_ptr, M, K, seed_lo, seed_hi, thresh, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
 ):
@@ -83,4 +83,41 @@ def keep_mask(M: int, K: int, p: float, seed: int, device: torch.device) -> torc
         return out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))
     _keep_mask_kernel[grid](out, M, K, args["seed_lo"], args["seed_hi"], args["thresh"], ALIGNED=K % 4 == 0)
+    return out
+
+
+@autotune([cfg(BLOCK_M=32, BLOCK_K=128), cfg(BLOCK_M=8, BLOCK_K=512)], cfg(1, 1, BLOCK_M=16, BLOCK_K=32), key=["K"])
+@triton.jit(do_not_specialize=_DROPOUT)
+def _dropout_kernel(
+    x_ptr, out_ptr, M, K, row_offset,
+    stride_xm, stride_xk, stride_om, stride_ok,
+    seed_lo, seed_hi, thresh, keep_scale,
+    ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out = where(keep, x * (1/(1-p)), 0): fp32 product rounded once to out's dtype (the spec in
+    fastlora/_philox.py); the mask of logical rows row_offset + m. out may be x (in place)."""
+    local = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = tl.program_id(1) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)
+    keep = keep_tile(local + row_offset, col0, K, seed_lo, seed_hi, thresh, BLOCK_K, ALIGNED)
+    ok = (local[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + local[:, None] * stride_xm + cols[None, :] * stride_xk, mask=ok, other=0.0)
+    y = tl.where(keep, round_to(x.to(tl.float32) * keep_scale, out_ptr.dtype.element_ty), 0.0)
+    tl.store(out_ptr + local[:, None] * stride_om + cols[None, :] * stride_ok, y, mask=ok)
+
+
+def dropout(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None, row_offset: int = 0) -> torch.Tensor:
+    """``where(keep, x / (1 - p), 0)`` of ``x: (M, K)`` (fp32/fp16/bf16, any strides) into ``out``
+    (default: a new contiguous tensor; ``out=x`` drops in place) and return it."""
+    check_dtype(x)
+    M, K = x.shape
+    args = dropout_args(p, seed)
+    out = new_buffer((M, K), x.dtype, x.device) if out is None else out
+    if M * K == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))
+    _dropout_kernel[grid](
+        x, out, M, K, row_offset, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        args["seed_lo"], args["seed_hi"], args["thresh"], args["keep_scale"], ALIGNED=K % 4 == 0,
+    )  # fmt: skip
     return out

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .common import INTERPRET, cfg, configs, round_to
+from .common import INTERPRET, autotune, cfg, round_to
 
 DENSE, NF4, NF4_DQ, INT8 = 0, 1, 2, 3
 # jit code reads module globals only as constexprs
@@ -191,11 +191,9 @@ def dequant_tile(
     return w
 
 
-@triton.autotune(
-    configs=configs(
-        [cfg(4, 1, BLOCK_N=16, BLOCK_K=256), cfg(4, 1, BLOCK_N=32, BLOCK_K=256), cfg(8, 1, BLOCK_N=64, BLOCK_K=256)],
-        cfg(1, 1, BLOCK_N=16, BLOCK_K=32),
-    ),
+@autotune(
+    [cfg(4, 1, BLOCK_N=16, BLOCK_K=256), cfg(4, 1, BLOCK_N=32, BLOCK_K=256), cfg(8, 1, BLOCK_N=64, BLOCK_K=256)],
+    cfg(1, 1, BLOCK_N=16, BLOCK_K=32),
     key=["N", "K", "WQ", "QBLOCK"],
 )
 @triton.jit
