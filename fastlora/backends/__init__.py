@@ -38,6 +38,7 @@ import torch
 _MODULES = {
     "torch": "fastlora.backends.torch_backend",
     "triton": "fastlora.backends.triton_backend",
+    "hybrid": "fastlora.backends.hybrid_backend",
 }
 _loaded: dict[str, ModuleType | None] = {}
 _warned: set[str] = set()

@@ -1,0 +1,166 @@
+"""The hybrid plan (cuBLAS GEMMs + Triton rank-r kernels) against the float64 oracle.
+
+On CPU the "cuBLAS" calls are ATen's CPU GEMMs and the rank-r kernels run under the Triton
+interpreter (tests/conftest.py), so this proves the plan's host code and kernels; on a GPU the
+same tests run compiled. Tolerance: FlashAttention's rule, as tests/test_triton.py.
+"""
+
+import pytest
+import torch
+from test_triton import CASES, DEVICE, SEED, _assert_rule, _f64, _inputs, _refs
+
+import fastlora
+from fastlora import backends, reference
+
+hb = backends.load("hybrid")
+assert hb is not None and hb.is_available(DEVICE), "hybrid backend unusable: see the import warning above"
+tk = hb.tk
+ALL = (True, True, True, True, True)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer a Triton launcher allocates starts as NaN, so a tile a kernel skips shows up."""
+    monkeypatch.setattr(tk.common, "POISON", True)
+
+
+@pytest.fixture(params=["tail-first", "tail-after"])
+def tail_order(request, monkeypatch):
+    monkeypatch.setattr(hb, "TAIL_FIRST", request.param == "tail-first")
+    return request.param
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("M,K,N,r,dtype", CASES)
+def test_parity_with_oracle(M, K, N, r, dtype, p, tail_order):
+    bias = p == 0.0 or r == 13
+    x, W, b, A, B, g = _inputs(M, K, N, r, dtype, bias)
+    s = 2.0 / r**0.5
+    y, z = hb.forward(x, W, b, A, B, s, p, SEED)
+    dx, dW, db, dA, dB = hb.backward(g, x, z, W, A, B, s, p, SEED, ALL)
+    mask = hb.dropout_mask(M, K, p, SEED, DEVICE)
+    want64 = _refs(*map(_f64, (x, W, b, A, B, g)), s, p, mask)
+    want_dt = _refs(x, W, b, A, B, g, s, p, mask)
+    for name, out, r64, rdt in zip(("y", "z", "dx", "dA", "dB"), (y, z, dx, dA, dB), want64, want_dt, strict=False):
+        assert out.dtype == dtype and out.shape == r64.shape, name
+        _assert_rule(out, r64, rdt, name)
+    torch.testing.assert_close(dW, g.T @ x)
+    torch.testing.assert_close(db, g.sum(0))
+
+
+@pytest.mark.parametrize(
+    "needs",
+    [
+        (True, False, False, False, False),
+        (False, False, False, True, False),
+        (False, False, False, False, True),
+        (True, False, False, False, True),
+    ],
+    ids=["dx", "dA", "dB", "dx-dB (LoRA-FA)"],
+)
+def test_backward_computes_only_what_is_needed(needs, tail_order):
+    M, K, N, r, p = 37, 33, 70, 13, 0.3
+    x, W, _, A, B, g = _inputs(M, K, N, r, torch.float32)
+    _, z = hb.forward(x, W, None, A, B, 0.5, p, SEED)
+    out = hb.backward(g, x if needs[3] else None, z if needs[4] else None, W, A, B, 0.5, p, SEED, needs)
+    mask = hb.dropout_mask(M, K, p, SEED, DEVICE)
+    dx, dA, dB, _ = reference.lora_grads_ref(*map(_f64, (g, x, W, A, B)), 0.5, mask, p)
+    for i, want in zip((0, 3, 4), (dx, dA, dB), strict=False):
+        if needs[i]:
+            torch.testing.assert_close(out[i].double(), want, rtol=1e-5, atol=1e-5)
+        else:
+            assert out[i] is None
+    assert out[1] is None and out[2] is None
+
+
+def test_lora_tail_accumulates_with_one_rounding():
+    """``lora_tail(accumulate=True)`` adds ``s z B^T + bias`` (formed in fp32) to y once."""
+    M, N, r = 37, 70, 13
+    gen = torch.Generator().manual_seed(3)
+    z, B, b, y0 = (torch.randn(*s, generator=gen).to(DEVICE) for s in ((M, r), (N, r), (N,), (M, N)))
+    out = tk.lora_tail(z, B, b, 0.25, y0.clone(), accumulate=True)
+    want = y0.double() + (0.25 * z.double() @ B.double().T + b.double())
+    assert (out.double() - want).abs().max().item() <= 4 * torch.finfo(torch.float32).eps * want.abs().max().item()
+    fresh = tk.lora_tail(z, B, None, 0.25, torch.full((M, N), float("nan"), device=DEVICE), accumulate=False)
+    # an fp32 rank-13 dot: a few ulps of its own
+    torch.testing.assert_close(fresh.double(), 0.25 * z.double() @ B.double().T, rtol=4e-6, atol=4e-6)
+
+
+@pytest.mark.parametrize("S", [1, 3])
+@pytest.mark.parametrize("K", [33, 48])
+def test_dA_tail_reads_x_once_for_both(K, S):
+    """dA and the masked tail from one kernel, for every row split, bitwise reproducible; the
+    tail alone (LoRA-FA: no x) and dA alone give the same values."""
+    M, r, p = 37, 13, 0.3
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(M, K, generator=gen).to(DEVICE)
+    A = torch.randn(r, K, generator=gen).to(DEVICE)
+    dz = torch.randn(M, r, generator=gen).to(DEVICE)
+    mask = hb.dropout_mask(M, K, p, SEED, DEVICE)
+    dx = torch.full((M, K), float("nan"), device=DEVICE)
+    dA = tk.lora_dA_tail(dz, x, A, p, SEED, dx, splits=S)
+    xd = torch.where(mask, x.double() / (1 - p), 0.0)
+    torch.testing.assert_close(dA.double(), dz.double().T @ xd, rtol=1e-5, atol=1e-5)
+    want_tail = torch.where(mask, (dz.double() @ A.double()) / (1 - p), 0.0)
+    torch.testing.assert_close(dx.double(), want_tail, rtol=1e-5, atol=1e-5)  # fp32 rank-13 dots
+    dx2 = torch.full((M, K), float("nan"), device=DEVICE)
+    assert tk.lora_dA_tail(dz, None, A, p, SEED, dx2, splits=S) is None
+    assert torch.equal(dx2, dx)
+    assert torch.equal(tk.lora_dA_tail(dz, x, A, p, SEED, None, splits=S), dA)
+    assert torch.equal(tk.lora_dA_tail(dz, x, A, p, SEED, None, splits=S), dA)  # run to run
+    acc = torch.ones(M, K, device=DEVICE)
+    tk.lora_dA_tail(dz, None, A, p, SEED, acc, accumulate=True, splits=S)
+    torch.testing.assert_close(acc, dx + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,K", [(37, 33), (5, 48)], ids=["M37-K33", "M5-K48"])
+def test_triton_dropout_is_the_spec(M, K, dtype):
+    """The Triton dropout kernel (the mask on CUDA for every backend) gives the bits of
+    fastlora/_philox.py's pure-PyTorch definition, in place and strided too."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(M, K, generator=gen) * 3).to(dtype=dtype, device=DEVICE)
+    want = fastlora._philox.dropout(x, 0.3, SEED, force_python=True)
+    assert torch.equal(tk.dropout(x, 0.3, SEED), want)
+    xs = torch.zeros(K, M, dtype=dtype, device=DEVICE).t().copy_(x)  # non-contiguous
+    assert torch.equal(tk.dropout(xs, 0.3, SEED), want)
+    inplace = x.clone()
+    tk.dropout(inplace, 0.3, SEED, out=inplace)
+    assert torch.equal(inplace, want)
+    rows = fastlora._philox.dropout(x, 0.3, SEED, row_offset=2**33 // K, force_python=True)
+    assert torch.equal(tk.dropout(x, 0.3, SEED, row_offset=2**33 // K), rows)
+
+
+def test_quantized_base_takes_the_scratch_route():
+    """NF4 / int8 bases: dequantized into the scratch buffer by Triton, then the dense GEMMs,
+    at every M and whatever route is asked for."""
+    M, K, N, r, p = 37, 64, 70, 13, 0.3
+    x, W, b, A, B, g = _inputs(M, K, N, r, torch.float32)
+    for fmt in ("nf4", "int8"):
+        q = fastlora.quantize(W, fmt)
+        Wq = hb.prepare_weight(q, M, torch.float32, "fused")
+        assert isinstance(Wq, torch.Tensor)
+        torch.testing.assert_close(Wq, q.dequantize(torch.float32), rtol=0, atol=0)
+        y, z = hb.forward(x, Wq, b, A, B, 0.5, p, SEED)
+        mask = hb.dropout_mask(M, K, p, SEED, DEVICE)
+        want = reference.lora_linear_ref(*map(_f64, (x, Wq, A, B)), 0.5, _f64(b), mask, p)
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_linear_runs_the_hybrid_backend():
+    """backend="hybrid" through the public op and autograd, 3-D input, dropout on."""
+    M, K, N, r = 12, 33, 20, 4
+    x, W, b, A, B, _ = _inputs(M, K, N, r, torch.float32)
+    x = x.view(3, 4, K).requires_grad_(True)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    y = fastlora.lora_linear(x, W, A, B, scale=0.5, bias=b, dropout_p=0.2, seed=9, backend="hybrid")
+    y.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, A, B)]
+    for t in (x, A, B):
+        t.grad = None
+    ref = fastlora.lora_linear(x, W, A, B, scale=0.5, bias=b, dropout_p=0.2, seed=9, backend="reference")
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    ref.square().sum().backward()
+    for got, t in zip(grads, (x, A, B), strict=True):
+        torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-4)
