@@ -13,6 +13,10 @@ read.
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -39,7 +43,10 @@ class OpCase:
     dtype: str
     modes: tuple[str, ...] = MODES
     bias: bool = False
-    variant: str = "lora"  # "lora", "dora" (both sides DoRA) or "nf4" (both sides on an NF4 base)
+    # "lora", "dora" (both sides DoRA), "nf4" (both sides on an NF4 base) or "host-overhead"
+    # (a tiny LoRA layer where host time is all there is, held against PEFT's math in plain torch)
+    variant: str = "lora"
+    repeat: int = 1  # calls per timed sample (times are per call): sub-millisecond cases need > 1
 
     @property
     def name(self) -> str:
@@ -189,19 +196,27 @@ def _fastlora_available(backend: str) -> Callable[[torch.device], str | None]:
             from fastlora import backends
         except Exception as exc:
             return f"fastlora does not import ({exc})"
-        if backend in ("torch", "reference"):
+        if backend in ("torch", "reference", "auto"):
             return None
         if backend not in fastlora.available_backends():
-            return "backend not installed"
+            return "backend not installed" + (
+                " (issue #15's hybrid plan is not in this tree)" if backend == "hybrid" else ""
+            )
         if device.type != "cuda":
             return "a GPU backend (on CPU only the Triton interpreter runs it: far too slow to time)"
-        return None if backends.usable(backend, device) else f"not usable on {device}"
+        # "hybrid" may be a plan inside the Triton backend rather than a module of its own
+        ok = backends.usable(backend, device) or (backend == "hybrid" and backends.usable("triton", device))
+        return None if ok else f"not usable on {device}"
 
     return check
 
 
 register(Impl("base", "base", lambda d: None, lambda bank, i: bank.lins[i]))
-for _b in ("torch", "triton", "cuda"):
+# On a GPU (DESIGN.md 3): "torch" is cuBLAS + ATen rank-r ops; "hybrid" is cuBLAS for the two
+# big GEMMs + Triton for the rank-r work; "triton" is the fused single-pass Triton plan
+# (F1/F2/B1/B2/B3); "auto" is what a user gets by default (on CUDA it times hybrid and fused
+# once per shape key and keeps the faster: the row's "plan" field says which it ran).
+for _b in ("torch", "hybrid", "triton", "auto", "cuda"):
     register(Impl(f"fastlora-{_b}", "fastlora", _fastlora_available(_b), _fastlora_layer(_b)))
 register(
     Impl("peft", "peft", lambda d: None if _peft() else "peft is not installed", lambda bank, i: bank.peft_layers[i])
@@ -236,7 +251,6 @@ def _routed_layer(route: str) -> Callable[[Bank, int], Callable[[Tensor], Tensor
 # the dense GEMMs. Timing both across M is what sets FUSED_MAX_M in the Triton backend.
 for _route in ("fused", "scratch"):
     register(Impl(f"fastlora-triton-{_route}", "fastlora", _fastlora_available("triton"), _routed_layer(_route)))
-# which implementations each variant times (the route rows only mean something on a quantized base)
 
 
 def _gemv_layer(bank: Bank, i: int) -> Callable[[Tensor], Tensor]:
@@ -260,10 +274,100 @@ def _gemv_available(device: torch.device) -> str | None:
 # "infer" mode at M <= 16; elsewhere nf4_linear falls back to dequantize + F.linear) plus an
 # unfused ATen LoRA branch (p = 0): what decode with an adapter costs on that kernel.
 register(Impl("nf4-gemv", "fastlora", _gemv_available, _gemv_layer))
-VARIANT_IMPLS = {"lora": ("base", "fastlora-torch", "fastlora-triton", "fastlora-cuda", "peft", "reference"),
-                 "dora": ("base", "fastlora-torch", "fastlora-triton", "peft"),
-                 "nf4": ("base", "fastlora-torch", "fastlora-triton", "fastlora-triton-fused",
-                         "fastlora-triton-scratch", "nf4-gemv", "peft")}  # fmt: skip
+
+
+def _peft_math_layer(bank: Bank, i: int) -> Callable[[Tensor], Tensor]:
+    """PEFT's LoRA forward written out in plain torch (dropout -> linear -> linear -> scale ->
+    add), with none of PEFT's module machinery: the floor fastlora's host code is held against
+    at a shape where host time is all there is (issue #15 item 1)."""
+    lin, A, B, s, p = bank.lins[i], bank.A[i], bank.B[i], bank.scale, bank.p
+    F = torch.nn.functional
+    if p == 0:  # PEFT's lora_dropout is nn.Identity at p = 0
+        return lambda x: lin(x) + F.linear(F.linear(x, A), B) * s
+    return lambda x: lin(x) + F.linear(F.linear(F.dropout(x, p, training=True), A), B) * s
+
+
+register(Impl("peft-math", "peft-math", lambda d: None, _peft_math_layer))
+# which implementations each variant times (the route rows only mean something on a quantized base)
+VARIANT_IMPLS = {"lora": ("base", "fastlora-torch", "fastlora-hybrid", "fastlora-triton", "fastlora-auto",
+                          "fastlora-cuda", "peft", "reference"),
+                 "dora": ("base", "fastlora-torch", "fastlora-hybrid", "fastlora-triton", "fastlora-auto", "peft"),
+                 "nf4": ("base", "fastlora-torch", "fastlora-hybrid", "fastlora-triton", "fastlora-auto",
+                         "fastlora-triton-fused", "fastlora-triton-scratch", "nf4-gemv", "peft"),
+                 "host-overhead": ("base", "fastlora-torch", "fastlora-auto", "peft", "peft-math")}  # fmt: skip
+HOST_OVERHEAD_TARGET = 1.25  # issue #15: lora_linear fwd+bwd <= 1.25x PEFT's math in plain torch
+
+# The plan each fixed row runs ("fastlora-auto" is looked up: auto_plan).
+PLAN_OF = {"fastlora-torch": "torch", "fastlora-hybrid": "hybrid", "fastlora-triton": "fused",
+           "fastlora-triton-fused": "fused", "fastlora-triton-scratch": "fused", "fastlora-cuda": "cuda",
+           "reference": "reference", "nf4-gemv": "nf4-gemv"}  # fmt: skip
+
+
+def _num(v) -> float | None:
+    """A plan-table field as a number: 4096, "4096" or "N4096" (the key's own spelling)."""
+    if isinstance(v, bool) or v is None:
+        return None if v is None else float(v)
+    if isinstance(v, (int, float)):
+        return float(v)
+    digits = re.sub(r"^[A-Za-z_]+", "", str(v))
+    try:
+        return float(digits)
+    except ValueError:
+        return None
+
+
+def _plan_entry_score(e: dict, case: OpCase) -> float | None:
+    """How well one fastlora.plan_table() entry matches a case: None when a field it carries
+    contradicts the case, else a score (higher is closer in M). Tolerant of the table's exact
+    spelling (4096 or "N4096", True or "dropout1"), since only the fields are promised."""
+    for k in ("N", "K", "r"):
+        if e.get(k) is not None and _num(e[k]) != getattr(case, k):
+            return None
+    if e.get("dtype") is not None and str(e["dtype"]).removeprefix("torch.") != case.dtype:
+        return None
+    drop = e.get("dropout", e.get("has_dropout"))
+    if drop is not None and ((_num(drop) or 0) > 0) != (case.p > 0):
+        return None
+    if "quant" in e:
+        q = str(e["quant"]).lower()
+        dense = q in ("", "none", "dense", "false", "0")
+        if dense != (case.variant != "nf4") or (not dense and q != case.variant):
+            return None
+    v = e.get("variant")
+    if v in ("lora", "dora") and case.variant in ("lora", "dora") and v != case.variant:
+        return None
+    m = e.get("M", e.get("M_bucket", e.get("m_bucket", e.get("bucket"))))
+    if isinstance(m, (list, tuple)) and len(m) == 2:
+        return 1.0 if m[0] <= case.M <= m[1] else -abs(math.log2(max(1, m[0])) - math.log2(case.M))
+    mb = _num(m)
+    if mb is not None and mb > 0:
+        return 2.0 if mb == case.M else -abs(math.log2(mb) - math.log2(case.M))
+    return 0.0
+
+
+def auto_plan(case: OpCase, device: torch.device) -> tuple[str, dict | None]:
+    """What ``backend="auto"`` ran on this case (call after its first use): the plan of the
+    best-matching ``fastlora.plan_table()`` entry (issue #15) with that entry, or, in a tree
+    without a plan table, the backend "auto" resolves to ("triton" is the fused plan)."""
+    import fastlora
+
+    table = getattr(fastlora, "plan_table", None)
+    if table is not None:
+        try:
+            entries = [e for e in table() if isinstance(e, dict)]
+        except Exception:
+            entries = []
+        scored = [(sc, i, e) for i, e in enumerate(entries) if (sc := _plan_entry_score(e, case)) is not None]
+        if scored:
+            entry = max(scored, key=lambda t: (t[0], t[1]))[2]  # best M match, then the latest
+            if entry.get("plan"):
+                return str(entry["plan"]), json.loads(json.dumps(entry, default=str))
+    try:
+        be = fastlora.functional._resolve("auto", device, getattr(torch, case.dtype))
+    except Exception as exc:
+        return f"unknown ({type(exc).__name__})", None
+    # "plans": auto decides per shape, and no table entry says what it decided here
+    return {"triton": "fused", "plans": "auto (no plan_table entry)"}.get(be, be), None
 
 
 def usable_impls(device: torch.device) -> tuple[list[Impl], list[str]]:
@@ -303,13 +407,21 @@ def _dedupe(cases: list[OpCase]) -> list[OpCase]:
     return list(merged.values())
 
 
+def host_overhead_cases(ps: tuple[float, ...] = (0.0, 0.1)) -> list[OpCase]:
+    """Issue #15 item 1: fp32, M=4, K=N=64, r=8, fwd+bwd, where a call is nothing but host work.
+    ``fastlora.lora_linear`` (rows fastlora-torch and fastlora-auto, the default backend) must
+    cost <= 1.25x the same math written PEFT's way in plain torch (row peft-math; the field
+    ``ratio_to_peft_math``). 50 calls per timed sample, since one call takes ~0.1 ms."""
+    return [OpCase(4, 64, 64, 8, p, "float32", ("fwdbwd",), variant="host-overhead", repeat=50) for p in ps]
+
+
 def op_cases(device: torch.device, suite: str, quick: bool = False) -> list[OpCase]:
     """The op-level cases of a suite. The first cases are the headline shape (DESIGN.md §7)."""
     if quick:
         head = [OpCase(128, 64, 64, 8, p, "float32") for p in (0.0, 0.1)]
         sweep = [OpCase(M, 64, 64, r, 0.1, "float32", ("fwdbwd",)) for r in (4, 8) for M in (64, 128)]
         nf4 = [OpCase(128, 64, 64, 8, 0.0, "float32", ("fwdbwd", "infer"), variant="nf4")]
-        return _dedupe(head + sweep) + nf4
+        return _dedupe(head + sweep) + nf4 + host_overhead_cases(ps=(0.1,))
     if device.type == "cuda":
         if suite == "default":
             kn = ((4096, 4096), (4096, 14336), (14336, 4096))
@@ -337,7 +449,7 @@ def op_cases(device: torch.device, suite: str, quick: bool = False) -> list[OpCa
         sweep = [OpCase(M, 1024, 1024, r, 0.1, "float32", ("fwdbwd",)) for M in (512, 2048) for r in (8, 16, 64)]
         dora = [OpCase(2048, 1024, 1024, 16, p, "float32", ("fwdbwd",), variant="dora") for p in (0.0, 0.1)]
         nf4 = [OpCase(2048, 1024, 1024, 16, 0.0, "float32", ("fwdbwd",), variant="nf4")]
-        return _dedupe(head + sweep) + dora + nf4
+        return _dedupe(head + sweep) + dora + nf4 + host_overhead_cases()
     base = dict(M=2048, K=1024, N=1024, r=16, dtype="float32")
     return _dedupe(
         _grid(
@@ -370,23 +482,32 @@ def run_case(
     and a note for each implementation that failed (it is dropped, the others still run)."""
     bank = make_bank(case, device)
     bank3 = make_bank(case, device, n=3)
-    layers, saved, saved_qkv, notes = {}, {}, {}, []
+    layers, saved, saved_qkv, first_s, plans, notes = {}, {}, {}, {}, {}, []
     allowed = VARIANT_IMPLS.get(case.variant)
-    for impl in impls:
-        if impl.family == "peft" and not bank.peft_layers:
-            continue
-        if allowed is not None and impl.name not in allowed:
-            continue
+    chosen = [i for i in impls if (i.name != "peft" or bank.peft_layers) and (allowed is None or i.name in allowed)]
+    # fastlora-auto makes its first call before the other fastlora rows compile anything at this
+    # shape, so its first_call_s is the real first step at a new shape (compile, tuning, and
+    # auto's one-time timing of both plans: the <= 20 s target of DESIGN.md 7).
+    for impl in sorted(chosen, key=lambda i: i.name != "fastlora-auto"):
         try:
             f = impl.layer(bank, 0)
             bank.zero_grads()
+            harness._sync(device)
+            t0 = time.perf_counter()
             f(bank.x).backward(bank.g)  # smoke call: a broken implementation fails here, untimed
+            harness._sync(device)
+            first_s[impl.name] = time.perf_counter() - t0
             saved[impl.name] = _saved(impl, bank)
             saved_qkv[impl.name] = _saved(impl, bank3)
         except Exception as exc:
             notes.append(f"{case.name}: {impl.name} failed ({type(exc).__name__}: {exc}); row skipped")
             continue
         layers[impl.name] = f
+        if impl.name == "fastlora-auto":
+            plans[impl.name] = auto_plan(case, device)
+        else:
+            plans[impl.name] = (PLAN_OF.get(impl.name), None)
+    layers = {i.name: layers[i.name] for i in chosen if i.name in layers}  # table order: registration
     del bank3
     if "base" not in layers:
         return [], notes + [f"{case.name}: no base row, case skipped"]
@@ -412,10 +533,22 @@ def run_case(
 
         return step
 
+    def repeated(call: Callable[[], object]) -> Callable[[], object]:
+        def calls() -> None:
+            for _ in range(case.repeat):
+                call()
+
+        return calls
+
     rows = []
     for mode in case.modes:
         fns = {name: fn(name, mode) for name in layers}
+        if case.repeat > 1:
+            fns = {name: repeated(call) for name, call in fns.items()}
         samples, rounds = harness.time_interleaved(fns, device, tcfg)
+        if case.repeat > 1:  # times per call
+            samples = {n: [t / case.repeat for t in ts] for n, ts in samples.items()}
+            rounds = {n: [t / case.repeat for t in ts] for n, ts in rounds.items()}
         for name in layers:
             st = harness.summarize(samples[name])
             lora = fam[name] != "base"
@@ -447,7 +580,15 @@ def run_case(
                 "saved_bytes_qkv": saved_qkv[name],
                 "saved_vs_peft": _frac(saved, name, peft_name),
                 "saved_qkv_vs_peft": _frac(saved_qkv, name, peft_name),
+                # the plan this row ran (None for base / PEFT); for fastlora-auto, what auto chose,
+                # with its fastlora.plan_table() entry (the measured times) when there is one
+                "plan": plans[name][0],
+                "plan_entry": plans[name][1],
+                "first_call_s": first_s[name],  # the untimed first fwd+bwd (compile, tuning)
+                "repeat": case.repeat,
             }
+            if "peft-math" in layers:  # host-overhead: time / PEFT's math in plain torch (<= 1.25)
+                row["ratio_to_peft_math"] = harness.paired_ratio(rounds[name], rounds["peft-math"])[0]
             if device.type == "cuda":
                 w_elt = NF4_BYTES_PER_PARAM if case.variant == "nf4" and lora else None
                 row["gbps"] = harness.op_bytes(case.M, case.K, case.N, case.r, mode, lora, elt, w_elt) / sec / 1e9

@@ -97,6 +97,25 @@ def _models(cfg: E2EConfig, device: torch.device) -> dict[str, torch.nn.Module]:
     return models
 
 
+def _plans_used(device: torch.device) -> str | None:
+    """The plans "auto" chose across the model's layer shapes (fastlora.plan_table(), issue #15),
+    e.g. "hybrid,fused"; in a tree without a plan table, the backend the default resolves to."""
+    import fastlora
+
+    table = getattr(fastlora, "plan_table", None)
+    if table is not None:
+        try:
+            plans = sorted({str(e["plan"]) for e in table() if isinstance(e, dict) and e.get("plan")})
+        except Exception:
+            plans = []
+        if plans:
+            return ",".join(plans)
+    try:
+        return fastlora.functional._resolve(None, device)
+    except Exception:
+        return None
+
+
 def run_e2e(cfg: E2EConfig, device: torch.device) -> tuple[list[dict], list[str]]:
     """Tokens/s, per-step time and memory of fastlora and PEFT on one config."""
     try:
@@ -138,6 +157,7 @@ def run_e2e(cfg: E2EConfig, device: torch.device) -> tuple[list[dict], list[str]
             if device.type == "cuda":
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) - before)
 
+    plan = _plans_used(device) if any(n != "peft" for n in names) else None
     rows = []
     for name in names:
         st = harness.summarize(times[name])
@@ -160,6 +180,7 @@ def run_e2e(cfg: E2EConfig, device: torch.device) -> tuple[list[dict], list[str]
                 "saved_vs_peft": saved[name] / saved["peft"] if "peft" in saved else None,
                 "peak_mem_mib": peak[name] / harness.MiB if device.type == "cuda" else None,
                 "params_mib": sum(p.numel() * p.element_size() for p in models[name].parameters()) / harness.MiB,
+                "plan": None if name == "peft" else plan,
             }
         )
     return rows, notes
