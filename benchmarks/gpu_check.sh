@@ -4,6 +4,15 @@
 # 2^31-element shape included), run the benchmark suite, and pack the results.
 #
 #   bash benchmarks/gpu_check.sh [all|tests|bench|quant]
+#   bash benchmarks/gpu_check.sh quick [--dry-run]
+#
+# quick: issue #16's check for a short lease, <= 8 min in one call on a fresh H100/H200:
+# versions, the install with csrc/cuda built by ninja on all cores, a pinned compiled test
+# selection, the benchmark rows that decide issue #15, a per-kernel profile per plan, the
+# end-to-end step if time remains, and a summary against the targets. benchmarks/gpu_quick.py
+# holds the selection, the time budget and the estimates; --dry-run lists them without a GPU.
+# It writes $OUT/results.tgz (benchmarks/results/<device>/gpu_quick*: `tar xzf` it in the
+# repository root), $OUT/summary.txt and $OUT/quick.log.
 #
 # quant: issue #4 only, for a short device lease: the quantization tests (csrc/cuda and the
 # compiled Triton NF4/int8 paths) and the NF4 benchmark cases. TEST_ARGS / BENCH_ARGS (env)
@@ -20,9 +29,17 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
+if [ "$what" = quick ] && [[ " $* " == *" --dry-run "* ]]; then
+	shift
+	exec python3 -m benchmarks.gpu_quick run "$@"
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
 	python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&
 		export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ "$what" = quick ]; then
+	shift
+	exec python3 -m benchmarks.gpu_quick run "$@"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
