@@ -856,7 +856,9 @@ def run(args: argparse.Namespace) -> int:
         argv, tenv = tests_command(files, os.path.join(work, "junit.xml"))
         cap = min(200.0, left(150))  # leave the bench and the profile their share
         tenv.update(GPU_QUICK_DEADLINE=str(time.time() + cap - 15), GPU_QUICK_TESTS_JSONL=jsonl,
-                    GPU_QUICK_REPORT=os.path.join(work, "selection.json"))  # fmt: skip
+                    GPU_QUICK_REPORT=os.path.join(work, "selection.json"),
+                    # its own Triton cache: the bench's first calls compile as a user's would
+                    TRITON_CACHE_DIR=os.path.join(work, "triton-cache-tests"))  # fmt: skip
         stages["tests"] = run_stage(log, argv, cap, tenv, logfile=paths["_tests"] + ".log")
         sel = _load(os.path.join(work, "selection.json"))
         if sel.get("unmatched"):
