@@ -55,6 +55,10 @@ def test_rows_carry_metadata_and_sane_values(quick):
     op = [r for r in rows if r["kind"] == "op"]
     impls = {r["impl"] for r in op}
     assert {"base", "fastlora-torch", "reference"} <= impls and ("peft" in impls) == HAS_PEFT
+    # what "auto" runs is a row of its own, and every fastlora row names its plan (issue #15)
+    assert "fastlora-auto" in impls and all(r["plan"] for r in op if r["family"] == "fastlora")
+    assert all(r["plan"] is None for r in op if r["family"] in ("base", "peft"))
+    assert any(r["variant"] == "host-overhead" and r["ratio_to_peft_math"] > 0 for r in op)
     for r in op:
         assert r["mode"] in ("fwd", "fwdbwd", "infer") and r["ratio_to_base"] > 0 and r["tflops"] > 0
         if r["impl"] == "base":
