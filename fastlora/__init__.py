@@ -14,6 +14,8 @@ from .adapters import (
     save_adapter,
     set_adapter,
 )
+from .backends import preload as _preload
+from .backends.plans import plan_table
 from .functional import (
     available_backends,
     dropout_mask,
@@ -27,6 +29,8 @@ from .nn import LoRALinear, inject, lora_layers, merge, print_trainable_paramete
 from .peft import patch_peft, unpatch_peft
 from .quant import Int8Weight, NF4Weight, quantize
 from .variants import LoRAFAOptimizer, dora_linear, lorafa_project_grads_, loraplus_param_groups
+
+_preload()  # register the Triton ops outside any torch.compile trace (where CUDA can be used)
 
 __version__ = "0.1.0"
 
@@ -55,6 +59,7 @@ __all__ = [
     "lora_linear",
     "merge",
     "patch_peft",
+    "plan_table",
     "print_trainable_parameters",
     "set_backend",
     "set_quant_route",

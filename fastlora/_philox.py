@@ -20,8 +20,9 @@ produce the same bits:
   multiplied in it; the product is rounded to x's dtype. Dropped elements are +0.
 - ``seed`` is a python int in [0, 2**63).
 
-Each function runs the C++ op when the extension is available and the tensor is on the CPU,
-else the pure-PyTorch path (any device); ``force_python=True`` selects the latter.
+Each function runs the C++ op when the extension is available and the tensor is on the CPU, the
+Triton kernel (``fastlora.triton_kernels``) for CUDA tensors when triton imports, else the
+pure-PyTorch path (any device); ``force_python=True`` selects the latter.
 """
 
 from __future__ import annotations
@@ -96,6 +97,22 @@ def _use_ext(device: torch.device, force_python: bool) -> bool:
 _warned = False
 
 
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_kernels():
+    """fastlora.triton_kernels when the mask runs there: for CUDA tensors whenever triton imports
+    (the ~130 int64 ATen ops of the pure-PyTorch generator took ~7 ms a mask on an H200)."""
+    from .backends import load
+
+    mod = load("triton")
+    return None if mod is None else mod.tk
+
+
+def _on_triton(device: torch.device, force_python: bool) -> bool:
+    return device.type == "cuda" and not force_python and _triton_kernels() is not None
+
+
 def _keep_mask_torch(M: int, K: int, p: float, seed: int, row_offset: int, device: torch.device) -> Tensor:
     e0, n = row_offset * K, M * K
     c = torch.arange(e0 >> 2, (e0 + n + 3) >> 2, dtype=torch.int64, device=device)
@@ -138,6 +155,8 @@ def keep_mask(
         return torch.ones((M, K), dtype=torch.bool, device=device)
     if _use_ext(device, force_python):
         return torch.ops.fastlora.dropout_mask(M, K, p, seed, row_offset)
+    if _on_triton(device, force_python) and row_offset == 0:
+        return _triton_kernels().keep_mask(M, K, p, seed, device)
     return _keep_mask_torch(M, K, p, seed, row_offset, device)
 
 
@@ -156,6 +175,8 @@ def dropout(x: Tensor, p: float, seed: int | Tensor, *, row_offset: int = 0, for
         return x.contiguous()
     if _use_ext(x.device, force_python):
         return torch.ops.fastlora.dropout(x, p, seed, row_offset)
+    if x.dtype in _TRITON_DTYPES and _on_triton(x.device, force_python):
+        return _triton_kernels().dropout(x, p, seed, row_offset=row_offset)
     return _dropout_torch(x, p, seed, row_offset)
 
 
@@ -172,6 +193,9 @@ def dropout_(x: Tensor, p: float, seed: int | Tensor, *, row_offset: int = 0, fo
         return x
     if _use_ext(x.device, force_python):
         torch.ops.fastlora.dropout_(x, p, seed, row_offset)
+        return x
+    if x.dtype in _TRITON_DTYPES and _on_triton(x.device, force_python):
+        _triton_kernels().dropout(x, p, seed, out=x, row_offset=row_offset)
         return x
     return x.copy_(_dropout_torch(x, p, seed, row_offset))
 
@@ -323,9 +347,8 @@ def lora_expand(z: Tensor, B: Tensor, bias: Tensor | None, scale: float) -> Tens
     C++ op where :func:`fused_kernels` (its kernels beat the plain matmul), else the matmul."""
     if _EXPAND_OPS and fused_kernels(z):
         return torch.ops.fastlora.lora_expand(z, B, bias, scale)
-    if bias is None:
-        return torch.mm(z if scale == 1.0 else z * scale, B.t())
-    return torch.addmm(bias, z, B.t(), alpha=scale)
+    # one ATen call either way (beta = 0 ignores the 0-d input): small shapes are host-bound
+    return torch.addmm(_zero(z) if bias is None else bias, z, B.t(), beta=0 if bias is None else 1, alpha=scale)
 
 
 def lora_gpass(g: Tensor, B: Tensor, z: Tensor | None, scale: float) -> tuple[Tensor, Tensor | None]:
@@ -334,13 +357,25 @@ def lora_gpass(g: Tensor, B: Tensor, z: Tensor | None, scale: float) -> tuple[Te
     if _EXPAND_OPS and fused_kernels(g):
         dz, dB = torch.ops.fastlora.lora_gpass(g, B, z, scale)
         return dz, (dB if z is not None else None)
-    dz = torch.mm(g, B)
-    dB = None if z is None else torch.mm(g.t(), z)
-    if scale != 1.0:
-        dz.mul_(scale)
-        if dB is not None:
-            dB.mul_(scale)
+    zero = _zero(g)
+    dz = torch.addmm(zero, g, B, beta=0, alpha=scale)
+    dB = None if z is None else torch.addmm(zero, g.t(), z, beta=0, alpha=scale)
     return dz, dB
+
+
+_ZEROS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _zero(t: Tensor) -> Tensor:
+    """A cached 0-d zero of t's dtype and device: the ignored input of ``addmm(beta=0)``."""
+    key = (t.dtype, t.device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = torch.zeros((), dtype=t.dtype, device=t.device)
+        if torch.compiler.is_compiling():  # a traced (fake) tensor must not outlive its trace
+            return zero
+        _ZEROS[key] = zero
+    return zero
 
 
 @torch.library.custom_op("fastlora::dropout_shrink_tseed", mutates_args=())

@@ -9,11 +9,13 @@ from torch import Tensor
 
 from . import backends, reference
 from .autograd import LoRAFunction
+from .backends import plans
 from .quant import Int8Weight, NF4Weight
 
 QUANTIZED = (NF4Weight, Int8Weight)
 
-_BACKEND_NAMES = ("auto", "torch", "reference", "triton", "cuda")
+_BACKEND_NAMES = ("auto", "torch", "reference", "triton", "hybrid", "cuda")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _backend = "auto"
 _SEED_LIMIT = 2**63
 
@@ -48,20 +50,35 @@ def _check_backend_name(name: str) -> None:
         raise ValueError(f"backend {name!r} is not available in this install; available: {available_backends()}")
 
 
+_resolved: dict[tuple, str] = {}
+
+
 def _resolve(name: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """Map a requested backend name to a concrete one for tensors on ``device``."""
+    """Map a requested backend name to a concrete one for tensors on ``device``: "plans" stands
+    for "auto" on CUDA, where :mod:`fastlora.backends.plans` picks per shape. Memoised: this
+    runs on every call."""
     name = _backend if name is None else name
+    key = (name, device.type, dtype)
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolved[key] = _resolve_uncached(name, device, dtype)
+    return found
+
+
+def _resolve_uncached(name: str, device: torch.device, dtype: torch.dtype | None) -> str:
     _check_backend_name(name)
     if name == "auto":
         if device.type == "cuda" and dtype != torch.float64:  # the kernels take fp32/fp16/bf16
-            if backends.usable("triton", device):
-                return "triton"
+            if backends.usable("triton", device) and backends.usable("hybrid", device):
+                return "plans"
             backends._warn_once("auto-cuda", "fastlora: triton unavailable for CUDA tensors; using the 'torch' backend")
         return "torch"
     if name in ("torch", "reference"):
         return name
     if not backends.usable(name, device):
-        hint = " (set TRITON_INTERPRET=1 before importing triton to run it on CPU)" if name == "triton" else ""
+        hint = (
+            " (set TRITON_INTERPRET=1 before importing triton to run it on CPU)" if name in ("triton", "hybrid") else ""
+        )
         raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors{hint}")
     return name
 
@@ -102,11 +119,45 @@ def _check_seed(seed: int) -> None:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
 
 
+def _inputs_ok(x, weight, lora_A, lora_B, bias, scale) -> bool:
+    """The common case in few operations (this runs on every call; small shapes are
+    host-bound). False sends the call to :func:`_explain_bad_inputs`, which names the problem."""
+    try:
+        if (type(scale) is not float and type(scale) is not int) or not math.isfinite(scale):
+            return False
+        if not (isinstance(x, Tensor) and isinstance(lora_A, Tensor) and isinstance(lora_B, Tensor)):
+            return False
+        dev = x.device
+        N, K = weight.shape
+        r, K_A = lora_A.shape
+        if x.dtype not in _FLOAT_DTYPES or x.dim() < 1 or x.shape[-1] != K or K_A != K or dev.type == "meta":
+            return False
+        if N == 0 or K == 0 or r == 0 or lora_B.shape != (N, r) or lora_A.device != dev or lora_B.device != dev:
+            return False
+        if not (lora_A.is_floating_point() and lora_B.is_floating_point()):
+            return False
+        if isinstance(weight, Tensor):
+            if weight.device != dev or not weight.is_floating_point():
+                return False
+        elif not isinstance(weight, QUANTIZED) or weight.device != dev:
+            return False
+        return bias is None or (isinstance(bias, Tensor) and bias.shape == (N,) and bias.device == dev)
+    except Exception:  # wrong types or ranks: the slow path says which
+        return False
+
+
 def _check_inputs(x, weight, lora_A, lora_B, bias, scale) -> None:
+    if not _inputs_ok(x, weight, lora_A, lora_B, bias, scale):
+        _explain_bad_inputs(x, weight, lora_A, lora_B, bias, scale)
+
+
+def _explain_bad_inputs(x, weight, lora_A, lora_B, bias, scale) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype} (cast it, or use autocast)")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., K)")
     named = (("lora_A", lora_A), ("lora_B", lora_B))
@@ -119,6 +170,8 @@ def _check_inputs(x, weight, lora_A, lora_B, bias, scale) -> None:
             raise TypeError(f"{name} must be floating point, got dtype {t.dtype}")
     N, K = weight.shape
     r = lora_A.shape[0]
+    if K == 0 or N == 0:
+        raise ValueError(f"weight must have in_features and out_features >= 1, got shape {tuple(weight.shape)}")
     if x.shape[-1] != K:
         raise ValueError(
             f"x's last dim {x.shape[-1]} (x shape {tuple(x.shape)}) != weight in_features {K} "
@@ -144,10 +197,20 @@ def _check_inputs(x, weight, lora_A, lora_B, bias, scale) -> None:
     if bias is not None:
         tensors["bias"] = bias
     devices = {n: t.device for n, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"all tensors must be on one device, got {', '.join(f'{n}: {d}' for n, d in devices.items())}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if len(set(devices.values())) > 1 or x.device.type == "meta":
+        raise ValueError(
+            f"all tensors must be on one device with data (meta tensors are not supported), got "
+            f"{', '.join(f'{n}: {d}' for n, d in devices.items())}"
+        )
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not _finite(scale):
         raise TypeError(f"scale must be a finite float, got {scale!r}")
+
+
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float's range (2**1030)
+        return False
 
 
 def lora_linear(
@@ -193,12 +256,14 @@ def lora_linear(
         _check_seed(seed)
 
     device = x.device
-    if torch.is_autocast_enabled(device.type):
+    autocast = torch.is_autocast_enabled(device.type)
+    if autocast:
         dtype = torch.get_autocast_dtype(device.type)
         x, lora_A, lora_B = (t.to(dtype) for t in (x, lora_A, lora_B))
         weight = weight if isinstance(weight, QUANTIZED) else weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    if not isinstance(weight, QUANTIZED) and weight.dtype != x.dtype:
+    quant = isinstance(weight, QUANTIZED)
+    if not quant and weight.dtype != x.dtype:
         raise TypeError(f"x dtype {x.dtype} != weight dtype {weight.dtype}; cast one (autocast does this)")
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"bias dtype {bias.dtype} != x dtype {x.dtype}")
@@ -213,11 +278,25 @@ def lora_linear(
         if p > 0.0:
             K = x.shape[-1]
             mask = backends.load("torch").dropout_mask(x.numel() // max(K, 1), K, p, seed, device).view(x.shape)
-        if isinstance(weight, QUANTIZED):
+        if quant:
             weight = weight.dequantize(x.dtype)
         return reference.lora_linear_ref(x, weight, lora_A, lora_B, float(scale), bias, mask, p)
+    route = backends.get_quant_route()
+    if name == "plans":
+        name = _plan_backend(x, weight, bias, lora_A, lora_B, scale, p, route, quant)
     mod = backends.load(name)
-    with torch.autocast(device.type, enabled=False):
-        route = backends.get_quant_route()
+    if autocast:
+        with torch.autocast(device.type, enabled=False):
+            y = LoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), p, seed, mod, route)
+    else:
         y = LoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), p, seed, mod, route)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _plan_backend(x, weight, bias, lora_A, lora_B, scale, p, route, quant: bool) -> str:
+    """ "auto" on CUDA: the backend module name of the plan chosen for this shape."""
+    qname = "dense"
+    if quant:
+        qname = "int8" if isinstance(weight, Int8Weight) else ("nf4-dq" if weight.double_quant else "nf4")
+    plan = plans.CHOOSER.choose(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scale), p, route, qname)
+    return plans.module_name(plan)

@@ -89,3 +89,54 @@ def test_unfrozen_base_gets_exact_grads():
     dW, db = torch.autograd.grad(y, (W, b), g)
     torch.testing.assert_close(dW, g.T @ x)
     torch.testing.assert_close(db, g.sum(0))
+
+
+def _plain(x, W, A, B, s, b, mask, p):
+    """The same math in plain autograd (the oracle's expression)."""
+    from fastlora.reference import lora_linear_ref
+
+    return lora_linear_ref(x, W, A, B, s, b, mask, p)
+
+
+@pytest.mark.parametrize("M,p", [(80, 0.0), (5, 0.3), (80, 0.3)], ids=["M80-p0", "M5-p0.3", "M80-p0.3"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "hybrid"])
+def test_double_backward_matches_plain_autograd(M, p, backend):
+    """Issue 17 item 1: create_graph=True through lora_linear gives plain autograd's second
+    derivatives (it was silently wrong for M >= 64 or p > 0: the backward's C++ ops have no
+    autograd). Every input's second-order gradient is compared."""
+    import fastlora
+
+    torch.manual_seed(0)
+    x = torch.randn(M, 32, dtype=torch.float64 if backend == "torch" else torch.float32, requires_grad=True)
+    dt = x.dtype
+    W, b = torch.randn(16, 32, dtype=dt), torch.randn(16, dtype=dt)
+    A = torch.randn(4, 32, dtype=dt, requires_grad=True)
+    B = torch.randn(16, 4, dtype=dt, requires_grad=True)
+    mask = fastlora.dropout_mask((M, 32), p, 11) if p > 0 else None
+
+    def second(fn):
+        y = fn(x, A, B)
+        gx, gA, gB = torch.autograd.grad(y.square().sum(), (x, A, B), create_graph=True)
+        return torch.autograd.grad((gx.square().sum() + gA.square().sum() + gB.sin().sum()), (x, A, B))
+
+    def fast(x, A, B):
+        return fastlora.lora_linear(x, W, A, B, scale=0.5, bias=b, dropout_p=p, seed=11, backend=backend)
+
+    got = second(fast)
+    want = second(lambda x, A, B: _plain(x, W, A, B, 0.5, b, mask, p))
+    tol = 1e-9 if dt == torch.float64 else 2e-3
+    for g_, w_ in zip(got, want, strict=True):
+        torch.testing.assert_close(g_, w_, rtol=tol, atol=tol * w_.abs().max().item())
+
+
+def test_double_backward_refuses_when_lora_fa_dropped_x():
+    """LoRA-FA (A frozen) saves no x; the mixed second derivative through z needs it: an error,
+    never a wrong value."""
+    import fastlora
+
+    x = torch.randn(8, 12, requires_grad=True)
+    W, A = torch.randn(6, 12), torch.randn(3, 12)
+    B = torch.randn(6, 3, requires_grad=True)
+    y = fastlora.lora_linear(x, W, A, B, scale=1.0)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.square().sum(), (x, B), create_graph=True)

@@ -81,3 +81,51 @@ def test_tensor_seed_equals_int_seed():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="0-d int64"):
         fastlora.lora_linear(x, W, A, B, scale=1.0, dropout_p=0.5, seed=torch.tensor([31]))
+
+
+_FRESH_PROCESS = r"""
+import os, sys, torch
+import torch._dynamo
+import fastlora
+
+backend = sys.argv[1]
+x = torch.randn(6, 32, requires_grad=True)
+W, A, B = torch.randn(24, 32), torch.randn(4, 32, requires_grad=True), torch.randn(24, 4, requires_grad=True)
+
+
+def f(x, A, B):  # seed=None with dropout: the seed is drawn inside the graph
+    return fastlora.lora_linear(x, W, A, B, scale=2.0, dropout_p=0.3, backend=backend)
+
+
+explain = torch._dynamo.explain(f)(x, A, B)
+assert explain.graph_break_count == 0, [str(b.reason)[:300] for b in explain.break_reasons]
+torch._dynamo.reset()
+torch.manual_seed(7)
+y = torch.compile(f, fullgraph=True, backend="aot_eager")(x, A, B)
+gx, gA = torch.autograd.grad(y.square().sum(), (x, A))
+torch.manual_seed(7)
+y2 = f(x, A, B)
+ex, eA = torch.autograd.grad(y2.square().sum(), (x, A))
+for a, b in ((y, y2), (gx, ex), (gA, eA)):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("backend", ["triton", "hybrid", "torch"])
+def test_first_call_compiled_in_a_fresh_process_with_dropout(backend, tmp_path):
+    """Issue 17 items 10 and 11: a process whose first fastlora call is compiled, with dropout
+    and no explicit seed, traces with no graph break on every kernel backend (their ops are
+    registered at import, and a seed drawn in the graph is read inside the ops) and gives
+    eager's numbers. On CPU the Triton kernels run interpreted: the same host code as a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "first_call.py"
+    script.write_text(_FRESH_PROCESS)
+    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+    if torch.cuda.is_available():
+        env.pop("TRITON_INTERPRET")
+    out = subprocess.run([sys.executable, str(script), backend], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -173,6 +173,22 @@ def test_fp32_adapters_on_bf16_base():
         (dict(bias=torch.ones(6, dtype=torch.float64)), TypeError, ["bias dtype"]),
         (dict(x=torch.ones(4, 8, device="meta")), ValueError, ["one device", "meta"]),
         (dict(scale=float("inf")), TypeError, ["scale"]),
+        # issue 17: these raised RuntimeError / OverflowError, or passed at p=0 only
+        (dict(scale=2**1030), TypeError, ["finite"]),
+        (dict(x=torch.ones(4, 0), weight=torch.ones(6, 0), lora_A=torch.ones(3, 0)), ValueError, ["in_features"]),
+        (dict(x=torch.ones(4, 8).to(torch.float8_e4m3fn)), TypeError, ["float8_e4m3fn"]),
+        (dict(x=torch.ones(4, 8).to(torch.float8_e4m3fn), dropout_p=0.1), TypeError, ["float8_e4m3fn"]),
+        (
+            dict(
+                x=torch.ones(4, 8, device="meta"),
+                weight=torch.ones(6, 8, device="meta"),
+                lora_A=torch.ones(3, 8, device="meta"),
+                lora_B=torch.ones(6, 3, device="meta"),
+                bias=None,
+            ),
+            ValueError,
+            ["meta"],
+        ),
         (dict(seed=-1, dropout_p=0.1), ValueError, ["seed"]),
         (dict(backend="nope"), ValueError, ["backend must be one of"]),
     ],

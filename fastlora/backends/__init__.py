@@ -88,6 +88,22 @@ def usable(name: str, device: torch.device) -> bool:
     return mod is not None and mod.is_available(device)
 
 
+def preload() -> None:
+    """Import the torch backend, and the Triton backends wherever CUDA can be used (a CUDA build of torch) or the
+    interpreter is on, so that their ops are registered before any ``torch.compile`` trace (a
+    first import inside a traced call is a graph break). Checks no device; never raises."""
+    import importlib.util
+    import os
+
+    load("torch")
+    if importlib.util.find_spec("triton") is None:
+        return
+    if torch.version.cuda is None and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    load("triton")
+    load("hybrid")
+
+
 def installed() -> list[str]:
     """Backends whose module imports (not checking any device)."""
     return [n for n in _MODULES if load(n) is not None]

@@ -69,18 +69,26 @@ def _backward(g, x, z, weight, A, B, scale: float, p: float, seed: int, need_dx:
     return dx, dA, dB
 
 
-def _fwd_fake(x, weight, bias, A, B, scale, p, seed):
+def _fwd_fake(x, weight, bias, A, B, scale, p, seed, seed_t):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], A.shape[0]))
 
 
 @_fused.register("hybrid_lora_fwd", _fwd_fake)
 def _fwd_op(
-    x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float, p: float, seed: int
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    scale: float,
+    p: float,
+    seed: int,
+    seed_t: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    return _forward(x, weight, bias, A, B, scale, p, seed)
+    return _forward(x, weight, bias, A, B, scale, p, _fused.host_seed(seed if seed_t is None else seed_t))
 
 
-def _bwd_fake(g, x, z, weight, A, B, scale, p, seed, need_dx, need_dA, need_dB):
+def _bwd_fake(g, x, z, weight, A, B, scale, p, seed, seed_t, need_dx, need_dA, need_dB):
     empty = g.new_empty((0,))
     return (
         g.new_empty((g.shape[0], weight.shape[1])) if need_dx else empty,
@@ -100,11 +108,13 @@ def _bwd_op(
     scale: float,
     p: float,
     seed: int,
+    seed_t: Tensor | None,
     need_dx: bool,
     need_dA: bool,
     need_dB: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     empty = g.new_empty((0,))
+    seed = _fused.host_seed(seed if seed_t is None else seed_t)
     dx, dA, dB = _backward(g, x, z, weight, A, B, scale, p, seed, need_dx, need_dA, need_dB)
     return (empty if dx is None else dx), (empty if dA is None else dA), (empty if dB is None else dB)
 
@@ -114,11 +124,10 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """x: (M, K), weight: (N, K) dense (a quantized base arrives dequantized), bias: (N,) | None,
     lora_A: (r, K), lora_B: (N, r) -> (y: (M, N), z: (M, r))."""
-    seed = _fused.host_seed(seed)
     tk.common.check_dtype(x)
     if torch.compiler.is_compiling():
-        return torch.ops.fastlora.hybrid_lora_fwd(x, weight, bias, lora_A, lora_B, scale, p, seed)
-    return _forward(x, weight, bias, lora_A, lora_B, scale, p, seed)
+        return torch.ops.fastlora.hybrid_lora_fwd(x, weight, bias, lora_A, lora_B, scale, p, *_fused.seed_args(seed))
+    return _forward(x, weight, bias, lora_A, lora_B, scale, p, _fused.host_seed(seed))
 
 
 def backward(
@@ -135,13 +144,13 @@ def backward(
 ) -> tuple[Tensor | None, ...]:
     """g: (M, N) -> (dx, dW, dbias, dA, dB), None where ``needs`` says so."""
     need_dx, need_dW, need_db, need_dA, need_dB = needs
-    seed = _fused.host_seed(seed)
     if torch.compiler.is_compiling():
         dx, dA, dB = torch.ops.fastlora.hybrid_lora_bwd(
-            g, x, z, weight, lora_A, lora_B, scale, p, seed, need_dx, need_dA, need_dB
+            g, x, z, weight, lora_A, lora_B, scale, p, *_fused.seed_args(seed), need_dx, need_dA, need_dB
         )
         dx, dA, dB = (t if need else None for t, need in ((dx, need_dx), (dA, need_dA), (dB, need_dB)))
     else:
+        seed = _fused.host_seed(seed)
         dx, dA, dB = _backward(g, x, z, weight, lora_A, lora_B, scale, p, seed, need_dx, need_dA, need_dB)
     # dW = g^T x and dbias only when the caller unfroze the base
     dW = torch.mm(g.t(), x) if need_dW else None

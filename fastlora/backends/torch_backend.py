@@ -47,7 +47,11 @@ def forward(
     seed: int,
 ) -> tuple[Tensor, Tensor]:
     if _fused(x, p):
-        z = _philox.dropout_shrink(x, lora_A, p, seed)  # (M, r), dropout(x) never materialised
+        # (M, r), dropout(x) never materialised; inputs checked by lora_linear: the op directly
+        if isinstance(seed, int):
+            z = torch.ops.fastlora.dropout_shrink(x, lora_A, p, seed, 0)
+        else:
+            z = _philox.dropout_shrink(x, lora_A, p, seed)
     else:
         xd = _philox.dropout(x, p, seed) if p > 0 else x
         z = torch.mm(xd, lora_A.t())  # (M, r)
@@ -88,7 +92,9 @@ def backward(
         # the GEMM's beta = 1, which needs no extra op.)
         if need_dx:
             dx = torch.mm(g, weight)
-            if need_dA:
+            if need_dA and isinstance(seed, int):
+                dA = torch.ops.fastlora.dropout_dA_tail_add_(dx, dz, x, lora_A, p, seed, 0)
+            elif need_dA:
                 dA = _philox.dropout_dA_tail_add_(dx, dz, x, lora_A, p, seed)
             else:
                 _philox.dropout_tail_add_(dx, dz, lora_A, p, seed)

@@ -1,12 +1,9 @@
-"""The ``triton`` backend: the fused kernels of ``fastlora.triton_kernels`` (DESIGN.md section 3).
+"""The ``triton`` backend: the fused kernels of ``fastlora.triton_kernels`` (docs/DESIGN.md section 3).
 
-Each kernel launcher is registered as a ``torch.ops.fastlora.triton_*`` op so that
-torch.compile traces the backend without graph breaks; eager calls skip that dispatch and call
-the launchers directly (``torch.library`` dispatch cost ~0.4 ms of host time a call on an H200). Compiled (GPU) they are
-``torch.library.triton_op``s, which Inductor sees through down to the kernels. Under
-``TRITON_INTERPRET=1`` ``wrap_triton`` cannot trace interpreted kernels (its fake pass would run
-them on fake tensors), so there they are opaque ``custom_op``s with explicit fake impls; same
-names, same schemas.
+Each kernel launcher is registered as an opaque ``torch.ops.fastlora.triton_*`` op (with a
+fake impl) so that torch.compile traces the backend without graph breaks, a seed drawn inside
+the graph included; eager calls skip that dispatch and call the launchers directly
+(``torch.library`` dispatch cost ~0.4 ms of host time a call on an H200).
 """
 
 from __future__ import annotations
@@ -52,19 +49,32 @@ tk = _import_kernels()
 
 
 def register(name: str, fake):
-    """Decorator: register ``fn`` as the op ``fastlora::<name>`` (see the module docstring)."""
+    """Decorator: register ``fn`` as the opaque op ``fastlora::<name>`` with ``fake`` as its fake
+    impl: what torch.compile calls in its graphs (eager calls skip the dispatch). Opaque
+    (``custom_op``, not ``triton_op``) so that a seed drawn inside a compiled graph reaches the
+    body as a CPU tensor and is read there, with no graph break; Inductor cannot fuse user Triton
+    kernels anyway. Registration happens when this module is imported, which
+    ``fastlora/__init__.py`` does up front wherever CUDA can be used (never inside a trace)."""
 
     def dec(fn):
-        if tk.common.INTERPRET:
-            op = torch.library.custom_op(f"fastlora::{name}", fn, mutates_args=())
-            op.register_fake(fake)
-            return op
-        return torch.library.triton_op(f"fastlora::{name}", fn, mutates_args=())
+        op = torch.library.custom_op(f"fastlora::{name}", fn, mutates_args=())
+        op.register_fake(fake)
+        return op
 
     return dec
 
 
-def _fwd_fake(x, weight, bias, lora_A, lora_B, scale, p, seed, fuse_shrink):
+def seed_args(seed: int | Tensor) -> tuple[int, Tensor | None]:
+    """(seed, seed_t) as the registered ops take them: a seed drawn in a compiled graph is a 0-d
+    int64 CPU tensor, passed as seed_t (read inside the op body)."""
+    return (0, seed) if isinstance(seed, Tensor) else (seed, None)
+
+
+def _seed(seed: int, seed_t: Tensor | None) -> int:
+    return seed if seed_t is None else int(seed_t)
+
+
+def _fwd_fake(x, weight, bias, lora_A, lora_B, scale, p, seed, seed_t, fuse_shrink):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
 
 
@@ -78,12 +88,13 @@ def _fwd_op(
     scale: float,
     p: float,
     seed: int,
+    seed_t: Tensor | None,
     fuse_shrink: bool,
 ) -> tuple[Tensor, Tensor]:
-    return tk.lora_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, fuse_shrink)
+    return tk.lora_forward(x, weight, bias, lora_A, lora_B, scale, p, _seed(seed, seed_t), fuse_shrink)
 
 
-def _fwd_quant_fake(x, qtensors, qmeta, bias, lora_A, lora_B, scale, p, seed, fuse):
+def _fwd_quant_fake(x, qtensors, qmeta, bias, lora_A, lora_B, scale, p, seed, seed_t, fuse):
     return x.new_empty((x.shape[0], qmeta[1])), x.new_empty((x.shape[0], lora_A.shape[0]))
 
 
@@ -100,10 +111,11 @@ def _fwd_quant_op(
     scale: float,
     p: float,
     seed: int,
+    seed_t: Tensor | None,
     fuse_shrink: bool,
 ) -> tuple[Tensor, Tensor]:
     qw = tk.QuantWeight.from_flat(qtensors, qmeta)
-    return tk.lora_forward(x, qw, bias, lora_A, lora_B, scale, p, seed, fuse_shrink)
+    return tk.lora_forward(x, qw, bias, lora_A, lora_B, scale, p, _seed(seed, seed_t), fuse_shrink)
 
 
 def _dequantize_fake(qtensors, qmeta, dtype):
@@ -127,33 +139,40 @@ def _dz_dB_op(g: Tensor, z: Tensor | None, lora_B: Tensor, scale: float, need_dz
     return tk.lora_bwd_dz_dB(g, z, lora_B, scale, need_dz)
 
 
-def _dx_fake(g, dz, weight, lora_A, p, seed):
+def _dx_fake(g, dz, weight, lora_A, p, seed, seed_t):
     return g.new_empty((g.shape[0], weight.shape[1]))
 
 
 @register("triton_lora_bwd_dx", _dx_fake)
-def _dx_op(g: Tensor, dz: Tensor, weight: Tensor, lora_A: Tensor, p: float, seed: int) -> Tensor:
-    return tk.lora_bwd_dx(g, dz, weight, lora_A, p, seed)
+def _dx_op(g: Tensor, dz: Tensor, weight: Tensor, lora_A: Tensor, p: float, seed: int, seed_t: Tensor | None) -> Tensor:
+    return tk.lora_bwd_dx(g, dz, weight, lora_A, p, _seed(seed, seed_t))
 
 
-def _dx_quant_fake(g, dz, qtensors, qmeta, lora_A, p, seed):
+def _dx_quant_fake(g, dz, qtensors, qmeta, lora_A, p, seed, seed_t):
     return g.new_empty((g.shape[0], qmeta[2]))
 
 
 @register("triton_lora_bwd_dx_quant", _dx_quant_fake)
 def _dx_quant_op(
-    g: Tensor, dz: Tensor, qtensors: list[Tensor | None], qmeta: list[int], lora_A: Tensor, p: float, seed: int
+    g: Tensor,
+    dz: Tensor,
+    qtensors: list[Tensor | None],
+    qmeta: list[int],
+    lora_A: Tensor,
+    p: float,
+    seed: int,
+    seed_t: Tensor | None,
 ) -> Tensor:
-    return tk.lora_bwd_dx(g, dz, tk.QuantWeight.from_flat(qtensors, qmeta), lora_A, p, seed)
+    return tk.lora_bwd_dx(g, dz, tk.QuantWeight.from_flat(qtensors, qmeta), lora_A, p, _seed(seed, seed_t))
 
 
-def _dA_fake(dz, x, p, seed):
+def _dA_fake(dz, x, p, seed, seed_t):
     return x.new_empty((dz.shape[1], x.shape[1]))
 
 
 @register("triton_lora_bwd_dA", _dA_fake)
-def _dA_op(dz: Tensor, x: Tensor, p: float, seed: int) -> Tensor:
-    return tk.lora_bwd_dA(dz, x, p, seed)
+def _dA_op(dz: Tensor, x: Tensor, p: float, seed: int, seed_t: Tensor | None) -> Tensor:
+    return tk.lora_bwd_dA(dz, x, p, _seed(seed, seed_t))
 
 
 class _Ops(NamedTuple):
@@ -163,18 +182,19 @@ class _Ops(NamedTuple):
     dA: object
 
 
-# the registered ops under torch.compile; their bodies, undispatched, in eager mode
+# the registered ops under torch.compile (the seed as (int, tensor)); their bodies, undispatched,
+# in eager mode
 _COMPILED = _Ops(
     lambda *a: torch.ops.fastlora.triton_lora_bwd_dz_dB(*a),
-    lambda *a: torch.ops.fastlora.triton_lora_bwd_dx(*a),
-    lambda *a: torch.ops.fastlora.triton_lora_bwd_dx_quant(*a),
-    lambda *a: torch.ops.fastlora.triton_lora_bwd_dA(*a),
+    lambda *a, seed: torch.ops.fastlora.triton_lora_bwd_dx(*a, *seed_args(seed)),
+    lambda *a, seed: torch.ops.fastlora.triton_lora_bwd_dx_quant(*a, *seed_args(seed)),
+    lambda *a, seed: torch.ops.fastlora.triton_lora_bwd_dA(*a, *seed_args(seed)),
 )
 _EAGER = _Ops(
     tk.lora_bwd_dz_dB,
-    tk.lora_bwd_dx,
-    lambda g, dz, qt, qm, A, p, seed: tk.lora_bwd_dx(g, dz, tk.QuantWeight.from_flat(qt, qm), A, p, seed),
-    tk.lora_bwd_dA,
+    lambda *a, seed: tk.lora_bwd_dx(*a, host_seed(seed)),
+    lambda g, dz, qt, qm, A, p, seed: tk.lora_bwd_dx(g, dz, tk.QuantWeight.from_flat(qt, qm), A, p, host_seed(seed)),
+    lambda *a, seed: tk.lora_bwd_dA(*a, host_seed(seed)),
 )
 
 
@@ -240,9 +260,8 @@ def prepare_weight(weight, M: int, dtype: torch.dtype, route: str) -> Tensor | t
 
 
 def host_seed(seed: int | Tensor) -> int:
-    # The kernels take the seed as a launch argument. A seed drawn inside a compiled graph (a
-    # tensor) is read here, which costs a graph break under torch.compile with dropout on the GPU;
-    # passing ``seed=`` explicitly avoids it. (Reading it in-kernel from a pointer is the fix.)
+    """The seed as the kernels take it (a launch argument). Eager only: under torch.compile the
+    registered ops read a tensor seed inside their body (:func:`seed_args`)."""
     return int(seed) if isinstance(seed, Tensor) else seed
 
 
@@ -259,16 +278,17 @@ def forward(
     """x: (M, K), weight: (N, K) or a QuantWeight from :func:`prepare_weight`, bias: (N,) | None,
     lora_A: (r, K), lora_B: (N, r) -> (y: (M, N), z: (M, r)); F1 shrink then F2 base GEMM with
     the rank-r tail (a quantized W at small M: z computed inside F2, one launch)."""
-    seed = host_seed(seed)
     eager = not torch.compiler.is_compiling()
+    fuse = False
     if isinstance(weight, tk.QuantWeight):
         fuse = x.shape[0] <= FUSED_MAX_M and tk.common.rank_pad(lora_A.shape[0]) <= 128
-        if eager:
-            return tk.lora_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, fuse)
-        return torch.ops.fastlora.triton_lora_fwd_quant(x, *weight.flat(), bias, lora_A, lora_B, scale, p, seed, fuse)
+        if not eager:
+            return torch.ops.fastlora.triton_lora_fwd_quant(
+                x, *weight.flat(), bias, lora_A, lora_B, scale, p, *seed_args(seed), fuse
+            )
     if eager:
-        return tk.lora_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, False)
-    return torch.ops.fastlora.triton_lora_fwd(x, weight, bias, lora_A, lora_B, scale, p, seed, False)
+        return tk.lora_forward(x, weight, bias, lora_A, lora_B, scale, p, host_seed(seed), fuse)
+    return torch.ops.fastlora.triton_lora_fwd(x, weight, bias, lora_A, lora_B, scale, p, *seed_args(seed), False)
 
 
 def backward(
@@ -287,17 +307,16 @@ def backward(
     ``needs`` says so. dz = s g B stays an fp32 (M, r) internal."""
     need_dx, need_dW, need_db, need_dA, need_dB = needs
     dx = dW = db = dA = dB = None
-    seed = host_seed(seed)
     if need_dx or need_dA or need_dB:
         ops = _EAGER if not torch.compiler.is_compiling() else _COMPILED
         dz, dB = ops.dz_dB(g, z if need_dB else None, lora_B, scale, need_dx or need_dA)
         dB = dB if need_dB else None
         if need_dx and isinstance(weight, tk.QuantWeight):
-            dx = ops.dx_quant(g, dz, *weight.flat(), lora_A, p, seed)
+            dx = ops.dx_quant(g, dz, *weight.flat(), lora_A, p, seed=seed)
         elif need_dx:
-            dx = ops.dx(g, dz, weight, lora_A, p, seed)
+            dx = ops.dx(g, dz, weight, lora_A, p, seed=seed)
         if need_dA:
-            dA = ops.dA(dz, x, p, seed)
+            dA = ops.dA(dz, x, p, seed=seed)
     if need_dW:
         # dW = g^T x (only when the caller unfroze the base weight)
         dW = torch.mm(g.t(), x)
