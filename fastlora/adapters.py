@@ -416,7 +416,8 @@ class _SafePattern:
     _cache: dict[str, _SafePattern] = {}
 
     def __init__(self, key: str) -> None:
-        from re import _constants as C, _parser
+        from re import _constants as C
+        from re import _parser
 
         if len(key) > _MAX_KEY_CHARS:
             raise ValueError(f"pattern key of {len(key)} characters (at most {_MAX_KEY_CHARS})")
@@ -548,14 +549,18 @@ class _SafePattern:
             return path == self.literal or path.endswith("." + self.literal)
         n = len(path)
         cur = self._closure([self.start], True, n == 0)
-        for pos, ch in enumerate(path):
+        for ch in path:
             if 0 in cur:
                 return True
             step = self._steps.get((cur, ch))
             if step is None:
                 if len(self._steps) > _MAX_DFA_STATES:
                     self._steps.clear()
-                moved = [self.states[i][2] for i in cur if self.states[i][0] == _CHAR and self._char_ok(self.states[i][1], ch)]
+                moved = [
+                    self.states[i][2]
+                    for i in cur
+                    if self.states[i][0] == _CHAR and self._char_ok(self.states[i][1], ch)
+                ]
                 step = self._steps[(cur, ch)] = self._closure(moved, False, False)
             cur = step
             if not cur:
