@@ -223,6 +223,8 @@ def versions() -> dict:
         "triton": triton.__version__,
         "torch": torch.__version__,
         "ptxas": (ptxas.splitlines()[-1] if ptxas else "unknown") + f" ({os.path.basename(tool)})",
+        "ptxas_path": os.path.realpath(tool),
+        "triton_path": os.path.realpath(os.path.dirname(triton.__file__)),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

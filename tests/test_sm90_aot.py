@@ -1,7 +1,8 @@
 """The GPU code compiles for an H100 (sm_90) on this CPU-only machine, with nothing run.
 
 Triton: tests/sm90_aot.py drives the real launchers with a compile-only sm_90 driver and the
-ptxas triton bundles (CUDA 12.9, what triton <= 3.8 and so the GPU machine's 3.6 use for sm_90).
+ptxas the running triton bundles for sm_90 (CUDA 12.9 with triton 3.9; 12.8 with the GPU
+machine's 3.6, which ``make test-triton36`` runs this file with).
 It proves what the interpreter cannot: every kernel lowers to a cubin, fits in the shared memory
 an sm_90 block may use (a config over it cannot launch; when every config the autotuner keeps is
 over, the kernel fails), bf16/fp16 dots reach the tensor cores, and the double-quant absmax sum
@@ -61,19 +62,31 @@ def compiled(tmp_path_factory):
         for i in range(shards)
     ]
     logs = [p.communicate(timeout=1800)[0] for p in procs]
-    rows, failures = [], []
+    rows, failures, versions = [], [], {}
     for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
         path = out / f"{i}.json"
         assert path.exists(), f"worker {i} exited {p.returncode} without results:\n{log[-4000:]}"
         data = json.loads(path.read_text())
         rows += data["rows"]
         failures += data["failures"]
+        versions = data["versions"]
     print("\n".join(logs))
-    return rows, failures
+    return rows, failures, versions
+
+
+def test_sweep_uses_the_ptxas_its_triton_bundles(compiled):
+    """The sweep proves something about a triton release only with that release's own ptxas: not
+    the system's CUDA, not another triton's (a leg with its own venv must not borrow one)."""
+    import importlib.metadata
+
+    versions = compiled[2]
+    assert versions["triton"] == importlib.metadata.version("triton"), versions
+    if not {"TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH"} & set(os.environ):  # a user's choice is kept
+        assert versions["ptxas_path"].startswith(versions["triton_path"] + os.sep), versions
 
 
 def test_every_kernel_compiles_for_sm90(compiled):
-    rows, failures = compiled
+    rows, failures, _ = compiled
     assert not failures, "\n\n".join(f"{f['case']}: {f['error']}" for f in failures)
     assert {r["kernel"] for r in rows} == KERNELS
     cases = {r["case"] for r in rows}
@@ -85,7 +98,7 @@ def test_every_kernel_compiles_for_sm90(compiled):
 
 
 def test_kernels_fit_sm90_shared_memory(compiled):
-    rows, _ = compiled
+    rows, *_ = compiled
     over = [r for r in rows if r["shared"] > SM90_MAX_SHARED]
     assert not over, [(r["case"], r["kernel"], r["constexprs"], r["shared"]) for r in over]
 
@@ -93,7 +106,7 @@ def test_kernels_fit_sm90_shared_memory(compiled):
 def test_bf16_and_tf32_dots_use_tensor_cores(compiled):
     """bf16 operands are widened to fp32 only under the interpreter (common.mma): compiled,
     every bf16 GEMM, and every fp32 one with TF32 allowed, must issue mma/wgmma, not FMA loops."""
-    rows, _ = compiled
+    rows, *_ = compiled
     dots = [r for r in rows if r["case"].endswith(("bfloat16", "tf32")) and r["kernel"] != "_dequantize_kernel"]
     assert dots and all(r["mma"] in ("mma", "wgmma") for r in dots), [
         (r["case"], r["kernel"], r["mma"]) for r in dots if r["mma"] == "fma"
@@ -103,7 +116,7 @@ def test_bf16_and_tf32_dots_use_tensor_cores(compiled):
 def test_double_quant_absmax_add_is_rounded_alone(compiled):
     """absmax = nested_code[q] * nested_absmax + offset as two roundings, like the host code:
     an explicit add.rn.f32 (no FMA contraction, no flush-to-zero) in every NF4_DQ kernel."""
-    rows, _ = compiled
+    rows, *_ = compiled
     dq = [r for r in rows if r["constexprs"].get("WQ") == NF4_DQ]
     assert dq and all(r["add_rn"] for r in dq), [(r["case"], r["kernel"]) for r in dq if not r["add_rn"]]
     plain = [r for r in rows if r["constexprs"].get("WQ") in (0, 1, 3)]
