@@ -8,7 +8,17 @@ TORCH_CPU_VERSION ?= 2.13.0
 BENCH_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: install test bench lint
+# The CI leg on the GPU machine's triton (3.6; .ci/run runs it after `make test`): the tests that
+# go through the Triton kernels, interpreted, and the sm_90 compile sweep with that triton's own
+# ptxas, in a clean venv pinned by requirements-triton36.txt, so API drift shows before a GPU
+# lease does. The C++ extension is not built there; a fastlora/_C.so that `make test` built
+# against the same torch is used, otherwise the tests take the pure-PyTorch path.
+TRITON36_VENV ?= .venv-triton36
+TRITON36_TESTS ?= tests/test_triton.py tests/test_triton_quant.py tests/test_sm90_aot.py \
+	tests/test_philox.py::test_triton_randint4x_is_the_same_philox \
+	tests/test_variants.py::test_variants_on_triton_match_torch_backend
+
+.PHONY: install test bench lint test-triton36
 
 install:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -23,6 +33,18 @@ install:
 
 test: install
 	$(PYTHON) -m pytest tests $(TEST_ARGS)
+
+# csrc/cuda's nvcc check does not involve triton: `make test` runs it.
+test-triton36:
+	test -x $(TRITON36_VENV)/bin/python || $(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/python -m pip install -q -r requirements-triton36.txt "torch==$(TORCH_CPU_VERSION)"
+	FASTLORA_NO_EXT=1 $(TRITON36_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(TRITON36_VENV)/bin/python -c "import numpy, torch, triton; \
+		print(f'test-triton36: torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}')"
+	FASTLORA_TEST_DEPS="triton bitsandbytes peft" \
+	FASTLORA_EXPECT_VERSIONS="$$(grep -oE '^(triton|numpy)==[0-9.]+' requirements-triton36.txt | xargs)" \
+		$(TRITON36_VENV)/bin/python -m pytest $(TRITON36_TESTS) \
+		--deselect tests/test_sm90_aot.py::test_cuda_sources_compile_for_sm90 $(TEST_ARGS)
 
 bench: install
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
