@@ -287,10 +287,7 @@ def lora_bwd_dz_dB(
     if M == 0 or not (need_dz or need_dB):
         dz = g.new_zeros((M, R), dtype=torch.float32) if need_dz else empty
         return dz, (torch.zeros_like(lora_B) if need_dB else empty)
-    sms = sm_count(g.device)
-    num_m = triton.cdiv(M, block_m)
-    P = min(row_programs or sms, num_m)  # every program owns at least one row tile
-    S = col_splits or max(1, min(triton.cdiv(2 * sms, P), triton.cdiv(N, 64)))
+    P, S = _dz_dB_grid(M, N, sm_count(g.device), block_m, row_programs, col_splits)
     dz_part = new_buffer((S, M, R), torch.float32, g.device) if need_dz else empty
     db_part = new_buffer((P, N, R), torch.float32, g.device) if need_dB else empty
     wrap_triton(_lora_bwd_dz_dB_kernel)[(P, S)](
@@ -305,6 +302,22 @@ def lora_bwd_dz_dB(
     dz = dz_part.sum(0) if need_dz else empty
     dB = db_part.sum(0).to(lora_B.dtype) if need_dB else empty
     return dz, dB
+
+
+def _dz_dB_grid(
+    M: int, N: int, sms: int, block_m: int, row_programs: int | None = None, col_splits: int | None = None
+) -> tuple[int, int]:
+    """B1's grid (P row programs, S column splits): about 2 programs an SM, shaped so that the
+    fp32 partials, P*N*r (dB) + S*M*r (dz) elements, are smallest: P ~ sqrt(2*SMs * M / N).
+    (One row program per SM, as before, made dB's partials 470 MB at M=8192, N=14336, r=64;
+    this grid: ~90 MB, against g's 235 MB in bf16.)"""
+    num_m = triton.cdiv(M, block_m)
+    target = 2 * sms
+    if row_programs is None:
+        row_programs = round((target * M / max(N, 1)) ** 0.5)
+    P = max(1, min(row_programs, num_m))  # every program owns at least one row tile
+    S = col_splits or max(1, min(triton.cdiv(target, P), triton.cdiv(N, 64)))
+    return P, S
 
 
 def lora_bwd_dx(
