@@ -332,3 +332,18 @@ def test_torch_compile_has_no_graph_break(route):
             assert c is None
         else:
             torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-dq"])
+def test_flat_and_tiled_dequantize_agree(blocksize, double_quant):
+    """A contiguous out takes the flat NF4 kernel (whole quantization blocks per program), a
+    strided one the 2-D tile kernel: the same bits, with an odd element count whose last block
+    is partial and whose last byte is half padding."""
+    shape = (37, 71)  # 2627 elements: odd, not a multiple of any blocksize
+    q = _quantized("nf4", shape, dq=double_quant, blocksize=blocksize)
+    for dtype in (torch.float32, torch.bfloat16):
+        flat = tk.dequantize(_kernel_view(q), torch.full(shape, float("nan"), dtype=dtype, device=DEVICE))
+        strided = torch.full(shape[::-1], float("nan"), dtype=dtype, device=DEVICE).t()
+        tk.dequantize(_kernel_view(q), strided)
+        assert torch.equal(flat, strided) and torch.equal(flat, q.dequantize(dtype))
