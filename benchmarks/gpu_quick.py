@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -45,6 +46,7 @@ from datetime import datetime, timezone
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET_S = 450  # the whole command: under the 8-minute call, leaving time to pack and return
 PIN_ENV = {"FASTLORA_TRITON_PIN": "1"}  # issue #15: one pinned config per Triton kernel
+ENV_PREFIXES = ("FASTLORA_", "TRITON_", "CUDA_", "TORCH_CUDA")  # the settings a run records
 
 
 # --------------------------------------------------------------------------- the test selection
@@ -772,10 +774,9 @@ def run(args: argparse.Namespace) -> int:
     env.update(commit=_git("rev-parse", "HEAD") or "unknown",
                dirty=bool(_git("status", "--porcelain", "--", "fastlora", "csrc", "triton_kernels", "benchmarks")),
                command="bash benchmarks/gpu_check.sh quick " + shlex.join(args.argv),
-               date=datetime.now(timezone.utc).isoformat(timespec="seconds"), budget_s=args.budget)  # fmt: skip
+               date=datetime.now(timezone.utc).isoformat(timespec="seconds"), budget_s=args.budget,
+               env_vars={k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)})  # fmt: skip
     log("env: " + json.dumps(env))
-    import re
-
     slug = re.sub(r"[^a-z0-9]+", "-", (env.get("gpu") or "no-gpu").lower()).strip("-")
     res = os.path.join(work, "tree", "benchmarks", "results", slug)
     os.makedirs(res, exist_ok=True)
