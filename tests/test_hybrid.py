@@ -210,3 +210,45 @@ def test_dz_dB_partials_stay_small():
     assert (P * N * r + S * M * r) * 4 < 0.4 * M * N * 2
     assert grid(1, 4096, sms, 64)[0] == 1  # decode: one row tile
     assert grid(37, 70, 2, 16, row_programs=3, col_splits=2) == (3, 2)  # the tests' knobs win
+
+
+def test_int32_offsets_are_safe_for_huge_strided_views():
+    """Issue 17: the kernels form column offsets in int32 (rows in int64), so a view whose
+    last-dim stride times its width reaches 2**31 (a transposed x of >= 2**31 elements) is made
+    contiguous before launch. Allocating one needs > 8 GB, so the decision is tested on
+    stand-ins with the shapes and strides of such views; real small views are untouched."""
+
+    class View:
+        def __init__(self, shape, stride):
+            self.shape, self._stride, self.copied = shape, stride, False
+
+        def dim(self):
+            return len(self.shape)
+
+        def stride(self, i=None):
+            return self._stride if i is None else self._stride[i]
+
+        def contiguous(self):
+            self.copied = True
+            return "copy"
+
+    safe = tk.common.int32_safe
+    M, K = 2**20, 2**12  # 2**32 elements
+    transposed = View((M, K), (1, M))
+    assert safe(transposed) == "copy"
+    for ok in (View((M, K), (K, 1)), View((3, 5), (1, 3)), View((2, 2**16), (1, 2**15 - 1))):
+        assert safe(ok) is ok and not ok.copied
+    small = torch.randn(5, 7).t()
+    assert safe(small) is small and safe(None) is None
+
+
+def test_dA_tail_prunes_wide_tiles_for_wide_ranks():
+    """The autotuner hands constexprs (R_PAD) to the pruning as keywords: wide ranks keep only
+    64-column tiles (the sm_90 compile sweep caught a version that looked R_PAD up elsewhere)."""
+    prune = tk.lora_rank._prune_dA_tail
+    cfg = tk.common.cfg
+    space = [cfg(BLOCK_M=64, BLOCK_K=64), cfg(BLOCK_M=64, BLOCK_K=128), cfg(BLOCK_M=32, BLOCK_K=64)]
+    assert prune(space, {"M_BUCKET": 4096}, R_PAD=16) == space
+    assert prune(space, {"M_BUCKET": 4096}, R_PAD=128) == [space[0], space[2]]
+    # IEEE fp32: only the tile that compiles for sm_90 without spilling
+    assert prune(space, {"M_BUCKET": 4096}, R_PAD=16, IEEE=True) == space[2:]

@@ -73,6 +73,16 @@ def dot_flags(dtype: torch.dtype) -> dict:
     }
 
 
+def int32_safe(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``, or a contiguous copy of it when a column index times its last-dim stride could
+    pass 2**31: the kernels form those offsets in int32 (row offsets are int64). Only a
+    non-unit last-dim stride over a tensor that large (a transposed view of >= 2**31 elements)
+    pays the copy."""
+    if t is not None and t.dim() == 2 and t.stride(1) != 1 and (t.shape[1] - 1) * abs(t.stride(1)) >= 2**31:
+        return t.contiguous()
+    return t
+
+
 def rank_pad(r: int) -> int:
     """The rank padded to a power of two of at least 16, the smallest tl.dot dimension;
     A, B, z and dz are never copied into padded buffers, loads mask the padding."""

@@ -24,6 +24,7 @@ from .common import (
     check_dtype,
     dot_flags,
     dropout_args,
+    int32_safe,
     m_bucket,
     mma,
     new_buffer,
@@ -280,6 +281,7 @@ def lora_bwd_dz_dB(
     ``block_m``; the fp32 partials cost P*N*r (dB) and S*M*r (dz) elements.
     """
     check_dtype(g)
+    g, z, lora_B = int32_safe(g), int32_safe(z), int32_safe(lora_B)
     M, N = g.shape
     R = lora_B.shape[1]
     need_dB = z is not None
@@ -329,6 +331,9 @@ def lora_bwd_dx(
     lora_A: (r, K) -> dx: (M, K) in g's dtype.
     """
     check_dtype(g)
+    g, lora_A = int32_safe(g), int32_safe(lora_A)
+    if isinstance(weight, torch.Tensor):
+        weight = int32_safe(weight)
     M, N = g.shape
     K = weight.shape[1]
     R = lora_A.shape[0]
@@ -353,6 +358,7 @@ def lora_bwd_dA(dz: torch.Tensor, x: torch.Tensor, p: float, seed: int, splits: 
     """B3: ``dA = dz^T dropout(x)``. dz: (M, r) fp32, x: (M, K) -> dA: (r, K) in x's dtype.
     ``splits`` row ranges reduce in parallel into fp32 partials (splits, r, K)."""
     check_dtype(x)
+    x = int32_safe(x)
     M, K = x.shape
     R = dz.shape[1]
     if M == 0:

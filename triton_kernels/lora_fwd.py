@@ -18,6 +18,7 @@ from .common import (
     configs,
     dot_flags,
     dropout_args,
+    int32_safe,
     m_bucket,
     max_shared_memory,
     mma,
@@ -269,6 +270,7 @@ def _lora_fwd_kernel(
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """F1: ``z = dropout(x) @ A^T``. x: (M, K), lora_A: (r, K) -> z: (M, r) in x's dtype."""
     check_dtype(x)
+    x, lora_A = int32_safe(x), int32_safe(lora_A)
     M, K = x.shape
     R = lora_A.shape[0]
     z = new_buffer((M, R), x.dtype, x.device)
@@ -303,6 +305,9 @@ def lora_forward(
     instead of a separate F1 pass (a tuning knob: which wins depends on r, N and p).
     """
     check_dtype(x)
+    x, lora_A, lora_B = int32_safe(x), int32_safe(lora_A), int32_safe(lora_B)
+    if isinstance(weight, torch.Tensor):
+        weight = int32_safe(weight)
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     r_pad = rank_pad(R)

@@ -17,7 +17,19 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .common import autotune, cfg, check_dtype, dot_flags, dropout_args, m_bucket, mma, new_buffer, rank_pad, sm_count
+from .common import (
+    autotune,
+    cfg,
+    check_dtype,
+    dot_flags,
+    dropout_args,
+    int32_safe,
+    m_bucket,
+    mma,
+    new_buffer,
+    rank_pad,
+    sm_count,
+)
 from .lora_fwd import _prune_m, _tail_tile
 from .philox import keep_tile
 
@@ -57,16 +69,21 @@ def _lora_tail_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def _prune_dA_tail(configs_, named_args, **_):
-    """A wide rank keeps (R_PAD, BLOCK_K) accumulators in registers: BLOCK_K <= 64 past r = 64."""
-    kept = [c for c in configs_ if named_args["R_PAD"] <= 64 or c.kwargs["BLOCK_K"] <= 64]
+def _prune_dA_tail(configs_, named_args, R_PAD=16, IEEE=False, **_):
+    """A wide rank keeps (R_PAD, BLOCK_K) accumulators in registers: BLOCK_K <= 64 past r = 64;
+    IEEE fp32 (FMA dots on register operands) only the 32 x 64 tile, the one that compiles for
+    sm_90 without spills (the larger ones spilled 0.5-3 KB a thread). (Constexprs reach the
+    pruning as keyword arguments, not in named_args.)"""
+    kept = [c for c in configs_ if R_PAD <= 64 or c.kwargs["BLOCK_K"] <= 64]
+    if IEEE:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 32 * 64] or kept
     return kept or configs_[:1]
 
 
 @autotune(
-    [cfg(4, 3, BLOCK_M=64, BLOCK_K=64), cfg(8, 3, BLOCK_M=64, BLOCK_K=128), cfg(4, 3, BLOCK_M=32, BLOCK_K=128)],
+    [cfg(4, 3, BLOCK_M=64, BLOCK_K=64), cfg(8, 3, BLOCK_M=64, BLOCK_K=128), cfg(4, 3, BLOCK_M=32, BLOCK_K=64)],
     cfg(1, 1, BLOCK_M=16, BLOCK_K=32),
-    key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT", "NEED_DA", "NEED_TAIL", "ACCUMULATE"],
+    key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT", "NEED_DA", "NEED_TAIL", "ACCUMULATE", "IEEE"],
     prune=_prune_dA_tail,
 )
 @triton.jit(do_not_specialize=_DROPOUT)
@@ -136,6 +153,9 @@ def lora_tail(
 
     z: (M, r), lora_B: (N, r), bias: (N,) or None, out: (M, N) in z's dtype, any strides."""
     check_dtype(out)
+    z, lora_B = int32_safe(z), int32_safe(lora_B)
+    if out.dim() == 2 and int32_safe(out) is not out:
+        raise ValueError("lora_tail: out's last-dim stride times its width passes 2**31; pass a contiguous out")
     M, N = out.shape
     R = z.shape[1]
     if M == 0 or N == 0:
@@ -173,6 +193,9 @@ def lora_dA_tail(
     if ref is None:
         return None
     check_dtype(ref)
+    x, lora_A = int32_safe(x), int32_safe(lora_A)
+    if dx is not None and int32_safe(dx) is not dx:
+        raise ValueError("lora_dA_tail: dx's last-dim stride times its width passes 2**31; pass a contiguous dx")
     M, K = ref.shape
     R = dz.shape[1]
     if M == 0:

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune, cfg, check_dtype, dropout_args, new_buffer, round_to
+from .common import autotune, cfg, check_dtype, dropout_args, int32_safe, new_buffer, round_to
 
 
 @triton.jit
@@ -111,6 +111,9 @@ def dropout(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = Non
     (default: a new contiguous tensor; ``out=x`` drops in place) and return it."""
     check_dtype(x)
     M, K = x.shape
+    x = int32_safe(x)
+    if out is not None and int32_safe(out) is not out:
+        raise ValueError("dropout: out's last-dim stride times its width passes 2**31; pass a contiguous out")
     args = dropout_args(p, seed)
     out = new_buffer((M, K), x.dtype, x.device) if out is None else out
     if M * K == 0:
