@@ -287,13 +287,17 @@ def _op_args(M=5, K=20, N=18, r=3, p=0.3):
     dz = torch.randn(M, r, device=DEVICE)
     _, z = tb.forward(x, W, b, A, B, 0.5, p, SEED)
     ops = torch.ops.fastlora
+    seed_t = torch.tensor(SEED)  # a seed drawn inside a compiled graph: read in the op body
     return [
-        (ops.triton_lora_fwd.default, (x, W, b, A, B, 0.5, p, SEED, False)),
-        (ops.triton_lora_fwd.default, (x, W, None, A, B, 0.5, p, SEED, True)),
+        (ops.triton_lora_fwd.default, (x, W, b, A, B, 0.5, p, SEED, None, False)),
+        (ops.triton_lora_fwd.default, (x, W, None, A, B, 0.5, p, 0, seed_t, True)),
         (ops.triton_lora_bwd_dz_dB.default, (g, z, B, 0.5, True)),
         (ops.triton_lora_bwd_dz_dB.default, (g, None, B, 0.5, True)),
-        (ops.triton_lora_bwd_dx.default, (g, dz, W, A, p, SEED)),
-        (ops.triton_lora_bwd_dA.default, (dz, x, p, SEED)),
+        (ops.triton_lora_bwd_dx.default, (g, dz, W, A, p, SEED, None)),
+        (ops.triton_lora_bwd_dA.default, (dz, x, p, 0, seed_t)),
+        (ops.hybrid_lora_fwd.default, (x, W, b, A, B, 0.5, p, 0, seed_t)),
+        (ops.hybrid_lora_bwd.default, (g, x, z, W, A, B, 0.5, p, SEED, None, True, True, True)),
+        (ops.hybrid_lora_bwd.default, (g, None, None, W, A, B, 0.5, p, 0, seed_t, True, False, False)),
     ]
 
 

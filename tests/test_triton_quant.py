@@ -303,9 +303,9 @@ def _quant_op_args():
     for q in (_quantized("nf4", (18, 20)), _quantized("nf4", (18, 20), dq=False), _quantized("int8", (18, 20))):
         qw = _kernel_view(q).flat()
         out += [
-            (ops.triton_lora_fwd_quant.default, (x, *qw, b, A, B, 0.5, 0.3, SEED, True)),
-            (ops.triton_lora_fwd_quant.default, (x, *qw, None, A, B, 0.5, 0.0, SEED, False)),
-            (ops.triton_lora_bwd_dx_quant.default, (g, dz, *qw, A, 0.3, SEED)),
+            (ops.triton_lora_fwd_quant.default, (x, *qw, b, A, B, 0.5, 0.3, SEED, None, True)),
+            (ops.triton_lora_fwd_quant.default, (x, *qw, None, A, B, 0.5, 0.0, 0, torch.tensor(SEED), False)),
+            (ops.triton_lora_bwd_dx_quant.default, (g, dz, *qw, A, 0.3, SEED, None)),
             (ops.triton_dequantize.default, (*qw, torch.bfloat16)),
         ]
     return out

@@ -89,11 +89,10 @@ def _fwd_op(
 
 
 def _bwd_fake(g, x, z, weight, A, B, scale, p, seed, seed_t, need_dx, need_dA, need_dB):
-    empty = g.new_empty((0,))
     return (
-        g.new_empty((g.shape[0], weight.shape[1])) if need_dx else empty,
-        A.new_empty(A.shape) if need_dA else empty,
-        B.new_empty(B.shape) if need_dB else empty,
+        g.new_empty((g.shape[0], weight.shape[1])) if need_dx else g.new_empty((0,)),
+        A.new_empty(A.shape) if need_dA else g.new_empty((0,)),
+        B.new_empty(B.shape) if need_dB else g.new_empty((0,)),
     )
 
 
@@ -113,10 +112,10 @@ def _bwd_op(
     need_dA: bool,
     need_dB: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    empty = g.new_empty((0,))
     seed = _fused.host_seed(seed if seed_t is None else seed_t)
     dx, dA, dB = _backward(g, x, z, weight, A, B, scale, p, seed, need_dx, need_dA, need_dB)
-    return (empty if dx is None else dx), (empty if dA is None else dA), (empty if dB is None else dB)
+    # an op's outputs never alias each other: a fresh empty for each one not computed
+    return tuple(g.new_empty((0,)) if t is None else t for t in (dx, dA, dB))
 
 
 def forward(
