@@ -148,11 +148,14 @@ def cases(dtypes: list[torch.dtype]):
     the autotuner keeps only the short tiles; with fp32, the GEMMs again in TF32 (``-tf32``)."""
     from fastlora.triton_kernels import (
         dequantize,
+        dropout,
         keep_mask,
         lora_bwd_dA,
         lora_bwd_dx,
         lora_bwd_dz_dB,
+        lora_dA_tail,
         lora_forward,
+        lora_tail,
     )
 
     from fastlora.backends.triton_backend import _kernel_weight as quant_weight
@@ -177,6 +180,12 @@ def cases(dtypes: list[torch.dtype]):
         yield f"bwd-dz-dB-{d}", partial(lora_bwd_dz_dB, g, z, B, 2.0, True)
         yield f"bwd-dx-dense-{d}", partial(lora_bwd_dx, g, dz, w, A, p, seed)
         yield f"bwd-dA-{d}", partial(lora_bwd_dA, dz, x, p, seed)
+        # the hybrid plan's rank-r kernels and the CUDA mask
+        yield f"hybrid-tail-{d}", partial(lora_tail, z, B, bias, 2.0, torch.empty(M, N, dtype=dt), False)
+        yield f"hybrid-tail-acc-{d}", partial(lora_tail, z, B, None, 2.0, torch.empty(M, N, dtype=dt), True)
+        yield f"hybrid-dA-tail-{d}", partial(lora_dA_tail, dz, x, A, p, seed, torch.empty(M, K, dtype=dt))
+        yield f"hybrid-tail-only-{d}", partial(lora_dA_tail, dz, None, A, p, seed, torch.empty(M, K, dtype=dt))
+        yield f"dropout-{d}", partial(dropout, x, p, seed)
         for name, qw in formats.items():
             q = quant_weight(qw)
             yield f"fwd-{name}-{d}", partial(lora_forward, x, q, bias, A, B, 2.0, 0.0, seed)
@@ -184,6 +193,7 @@ def cases(dtypes: list[torch.dtype]):
             yield f"fwd-{name}-M16-{d}", partial(lora_forward, x[:16], q, bias, A, B, 2.0, 0.0, seed)
             yield f"bwd-dx-{name}-M16-{d}", partial(lora_bwd_dx, g[:16], dz[:16], q, A, p, seed)
             yield f"dequantize-{name}-{d}", partial(dequantize, q, torch.empty(N, K, dtype=dt))
+            yield f"dequantize-{name}-strided-{d}", partial(dequantize, q, torch.empty(K, N, dtype=dt).t())
     if torch.float32 in dtypes:  # fp32 GEMMs with TF32 allowed: the tensor-core path, other tiles
         x, g, w = x.float(), g.float(), w32
         bias, A, B = bias.float(), A.float(), B.float()

@@ -36,8 +36,13 @@ KERNELS = {
     "_lora_bwd_dx_kernel",
     "_lora_bwd_dA_kernel",
     "_dequantize_kernel",
+    "_dequantize_nf4_flat_kernel",
     "_keep_mask_kernel",
+    "_dropout_kernel",
+    "_lora_tail_kernel",
+    "_lora_dA_tail_kernel",
 }
+NO_DOTS = {"_dequantize_kernel", "_dequantize_nf4_flat_kernel", "_dropout_kernel", "_keep_mask_kernel"}
 NF4_DQ = 2  # triton_kernels.quant.NF4_DQ (not imported: this process interprets the kernels)
 
 
@@ -107,7 +112,7 @@ def test_bf16_and_tf32_dots_use_tensor_cores(compiled):
     """bf16 operands are widened to fp32 only under the interpreter (common.mma): compiled,
     every bf16 GEMM, and every fp32 one with TF32 allowed, must issue mma/wgmma, not FMA loops."""
     rows, *_ = compiled
-    dots = [r for r in rows if r["case"].endswith(("bfloat16", "tf32")) and r["kernel"] != "_dequantize_kernel"]
+    dots = [r for r in rows if r["case"].endswith(("bfloat16", "tf32")) and r["kernel"] not in NO_DOTS]
     assert dots and all(r["mma"] in ("mma", "wgmma") for r in dots), [
         (r["case"], r["kernel"], r["mma"]) for r in dots if r["mma"] == "fma"
     ]
