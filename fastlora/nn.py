@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .functional import QUANTIZED, _check_p, lora_linear
 from .quant import Int8Weight, NF4Weight, quantize
-from .variants import dora_linear
+from .dora import dora_linear
 
 ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude_vector")
 # The largest |lora_alpha|: every scale (alpha / b, alpha / sqrt(b), b >= 1) then fits in float32,

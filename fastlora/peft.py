@@ -26,7 +26,7 @@ from torch.nn.modules import module as _module
 
 from .functional import lora_linear
 from .quant import SUPPORTED_BLOCKSIZES, NF4Weight
-from .variants import dora_linear
+from .dora import dora_linear
 
 logger = logging.getLogger("fastlora.peft")
 

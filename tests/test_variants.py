@@ -211,13 +211,13 @@ def test_dora_equals_peft_outputs_and_grads(p):
     torch.manual_seed(123)
     yp = pm(x)
     if p:  # fastlora draws its seeds from torch's RNG: hand each layer the seed PEFT's stand-in used
-        real = fastlora.variants.draw_seed
-        fastlora.variants.draw_seed = lambda: 5
+        real = fastlora.dora.draw_seed
+        fastlora.dora.draw_seed = lambda: 5
     try:
         yf = fm(x)
     finally:
         if p:
-            fastlora.variants.draw_seed = real
+            fastlora.dora.draw_seed = real
     torch.testing.assert_close(yf, yp, rtol=1e-10, atol=1e-12)
     yp.square().sum().backward()
     yf.square().sum().backward()
