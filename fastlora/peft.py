@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from .dora import dora_linear
 from .functional import lora_linear
 from .quant import SUPPORTED_BLOCKSIZES, NF4Weight
-from .dora import dora_linear
 
 logger = logging.getLogger("fastlora.peft")
 
