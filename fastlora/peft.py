@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -27,6 +26,7 @@ from torch.nn.modules import module as _module
 from .dora import dora_linear
 from .functional import lora_linear
 from .quant import SUPPORTED_BLOCKSIZES, NF4Weight
+from .quant.bnb import nf4_view
 
 logger = logging.getLogger("fastlora.peft")
 
@@ -46,10 +46,6 @@ _logged: set[str] = set()
 _HALF = (torch.float16, torch.bfloat16)
 _AUTOCAST_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))  # what autocast recasts
 _PLAIN = (Tensor, nn.Parameter)
-# bitsandbytes Linear4bit -> (weakref to its QuantState, identity key, NF4Weight view). Keyed
-# weakly on the module, so the cache neither changes the model (state dict, deepcopy, pickling)
-# nor keeps it alive. The NF4Weight shares bitsandbytes' tensors: no byte is copied.
-_nf4_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Plan(NamedTuple):
@@ -158,7 +154,7 @@ def _patched_forward_4bit(self: Any, x: Tensor, *args: Any, **kwargs: Any) -> Te
     bias = base.bias
     if bias is not None and bias.dtype != plan.compute_dtype:
         bias.data = bias.data.to(plan.compute_dtype)
-    return _fused(self, x, plan, _nf4_view(base), bias)
+    return _fused(self, x, plan, nf4_view(base), bias)
 
 
 def _patched_forward_8bit(self: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -210,32 +206,6 @@ def _fused(self: Any, x: Tensor, plan: _Plan, weight: Tensor | NF4Weight, bias: 
         lora_B = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in names], dim=1)
         y = lora_linear(x, weight, lora_A, lora_B, scale=1.0, bias=bias)
     return y if c is None or y.dtype == out_dtype else y.to(out_dtype)
-
-
-def _nf4_view(base: nn.Module) -> NF4Weight:
-    """An :class:`NF4Weight` over a bitsandbytes ``Linear4bit``'s own packed bytes and quant
-    state (no copy), cached per layer while the same tensors back it: a new weight, quant state
-    or statistics tensor (re-quantization, ``.to()``, merge, ...) builds a new view."""
-    weight = base.weight
-    qs = weight.quant_state
-    data = weight.data
-    st2 = qs.state2 if qs.nested else None
-    tensors = (qs.absmax, qs.code) + ((qs.offset, st2.absmax, st2.code) if st2 is not None else ())
-    key = (data.data_ptr(), data.dtype, tuple(data.shape), tuple(qs.shape), qs.dtype, qs.blocksize)
-    key += (st2.blocksize,) if st2 is not None else ()
-    hit = _nf4_cache.get(base)
-    # Statistics tensors are compared by identity. The packed bytes are compared by address,
-    # which no other tensor can take while the cached view keeps that storage alive.
-    if hit is not None and hit[0]() is qs and hit[1] == key and len(hit[2]) == len(tensors):
-        if all(a is b for a, b in zip(hit[2], tensors, strict=True)):
-            return hit[3]
-    packed = (data if data.dtype == torch.uint8 else data.view(torch.uint8)).view(-1, 1)
-    nested = {}
-    if st2 is not None:
-        nested = dict(offset=qs.offset, nested_absmax=st2.absmax, nested_code=st2.code, nested_blocksize=st2.blocksize)
-    view = NF4Weight(packed, qs.absmax, qs.shape, qs.dtype, qs.blocksize, code=qs.code, **nested)
-    _nf4_cache[base] = (weakref.ref(qs), key, tensors, view)
-    return view
 
 
 def _hooked(m: nn.Module) -> bool:

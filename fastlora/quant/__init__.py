@@ -15,13 +15,12 @@ from ._ops import force_python
 from .int8 import Int8Weight, dequantize_int8, quantize_int8
 from .nf4 import (
     SUPPORTED_BLOCKSIZES,
-    NF4Weight,
     dequantize_blockwise_8bit,
     dequantize_nf4,
-    nf4_linear,
     quantize_blockwise_8bit,
     quantize_nf4,
 )
+from .nf4_weight import NF4Weight, nf4_linear
 
 QuantizedWeight = NF4Weight | Int8Weight
 
