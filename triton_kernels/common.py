@@ -165,18 +165,23 @@ def _pin(prune):
     return prune_then_pin
 
 
-def autotune(gpu: list[triton.Config], interpret: triton.Config, key: list[str], prune=None):
+def autotune(
+    gpu: list[triton.Config], interpret: triton.Config, key: list[str], prune=None, restore: list[str] | None = None
+):
     """``triton.autotune`` as every fastlora kernel uses it: the space of :func:`configs`, at
     most 4 configs (GEMMs) or 3 (side kernels) so that the first call at a new shape tunes in
     seconds, ``prune`` then the pin (:data:`PIN_ENV`), and the timings kept on disk by triton
     (``cache_results``: a new process at a known shape does not tune again). ``key`` holds only
-    the arguments that change which config is fastest."""
+    the arguments that change which config is fastest. ``restore``: the pointer arguments a
+    kernel reads and writes (``out += ...``): the autotuner restores them after each timed run,
+    or the call that tunes would add its result once per run."""
     if len(gpu) > 4:
         raise ValueError(f"at most 4 autotune configs per kernel, got {len(gpu)}")
     return triton.autotune(
         configs=configs(gpu, interpret),
         key=key,
         prune_configs_by={"early_config_prune": _pin(prune)},
+        restore_value=restore,
         cache_results=not INTERPRET,
     )
 

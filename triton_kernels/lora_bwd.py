@@ -15,7 +15,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .common import (
     INTERPRET,
@@ -292,7 +291,7 @@ def lora_bwd_dz_dB(
     P, S = _dz_dB_grid(M, N, sm_count(g.device), block_m, row_programs, col_splits)
     dz_part = new_buffer((S, M, R), torch.float32, g.device) if need_dz else empty
     db_part = new_buffer((P, N, R), torch.float32, g.device) if need_dB else empty
-    wrap_triton(_lora_bwd_dz_dB_kernel)[(P, S)](
+    _lora_bwd_dz_dB_kernel[(P, S)](
         g, lora_B, z if need_dB else g, dz_part, db_part,
         M, N, R, m_bucket(M),
         g.stride(0), g.stride(1), lora_B.stride(0), lora_B.stride(1),
@@ -343,7 +342,7 @@ def lora_bwd_dx(
         return dx
     w_ptrs, w_strides, w_meta = weight_operands(weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-    wrap_triton(_lora_bwd_dx_kernel)[grid](
+    _lora_bwd_dx_kernel[grid](
         g, *w_ptrs, dz, lora_A, dx,
         M, N, K, R, m_bucket(M),
         g.stride(0), g.stride(1), *w_strides, dz.stride(0), dz.stride(1),
@@ -366,7 +365,7 @@ def lora_bwd_dA(dz: torch.Tensor, x: torch.Tensor, p: float, seed: int, splits: 
     S = splits or max(1, min(triton.cdiv(2 * sm_count(x.device), triton.cdiv(K, 128)), triton.cdiv(M, 32)))
     da_part = new_buffer((S, R, K), torch.float32, x.device)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), S)
-    wrap_triton(_lora_bwd_dA_kernel)[grid](
+    _lora_bwd_dA_kernel[grid](
         dz, x, da_part,
         M, K, R, m_bucket(M),
         dz.stride(0), dz.stride(1), x.stride(0), x.stride(1), R * K, K,

@@ -9,7 +9,6 @@ F2 ``_lora_fwd_kernel``:     y = x @ W^T + bias + s * z @ B^T, one accumulator, 
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .common import (
     autotune,
@@ -277,7 +276,7 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int) -> t
     if M == 0:
         return z
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    wrap_triton(_lora_shrink_kernel)[grid](
+    _lora_shrink_kernel[grid](
         x, lora_A, z,
         M, K, R, m_bucket(M),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), z.stride(0), z.stride(1),
@@ -322,7 +321,7 @@ def lora_forward(
         return y, z
     w_ptrs, w_strides, w_meta = weight_operands(weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    wrap_triton(_lora_fwd_kernel)[grid](
+    _lora_fwd_kernel[grid](
         x, *w_ptrs, bias if bias is not None else y, lora_A, lora_B, z, y,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), *w_strides, lora_A.stride(0), lora_A.stride(1),

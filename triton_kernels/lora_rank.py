@@ -15,7 +15,6 @@ reproducible, as the other kernels.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .common import (
     autotune,
@@ -41,6 +40,7 @@ _DROPOUT = ["seed_lo", "seed_hi", "thresh"]
     cfg(1, 1, BLOCK_M=16, BLOCK_N=32),
     key=["M_BUCKET", "N", "R_PAD", "ACCUMULATE"],
     prune=_prune_m,
+    restore=["y_ptr"],
 )
 @triton.jit
 def _lora_tail_kernel(
@@ -70,11 +70,12 @@ def _lora_tail_kernel(
 
 
 def _prune_dA_tail(configs_, named_args, R_PAD=16, IEEE=False, **_):
-    """A wide rank keeps (R_PAD, BLOCK_K) accumulators in registers: BLOCK_K <= 64 past r = 64;
+    """A wide rank keeps (R_PAD, BLOCK_K) and (BLOCK_M, R_PAD) tiles in registers: past r = 64 only
+    the 32 x 64 tile;
     IEEE fp32 (FMA dots on register operands) only the 32 x 64 tile, the one that compiles for
     sm_90 without spills (the larger ones spilled 0.5-3 KB a thread). (Constexprs reach the
     pruning as keyword arguments, not in named_args.)"""
-    kept = [c for c in configs_ if R_PAD <= 64 or c.kwargs["BLOCK_K"] <= 64]
+    kept = [c for c in configs_ if R_PAD <= 64 or c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_M"] <= 32 * 64]
     if IEEE:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 32 * 64] or kept
     return kept or configs_[:1]
@@ -85,6 +86,7 @@ def _prune_dA_tail(configs_, named_args, R_PAD=16, IEEE=False, **_):
     cfg(1, 1, BLOCK_M=16, BLOCK_K=32),
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT", "NEED_DA", "NEED_TAIL", "ACCUMULATE", "IEEE"],
     prune=_prune_dA_tail,
+    restore=["dx_ptr"],
 )
 @triton.jit(do_not_specialize=_DROPOUT)
 def _lora_dA_tail_kernel(
@@ -162,7 +164,7 @@ def lora_tail(
         return out
     r_pad = rank_pad(R)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
-    wrap_triton(_lora_tail_kernel)[grid](
+    _lora_tail_kernel[grid](
         z, lora_B, bias if bias is not None else out, out,
         M, N, R, m_bucket(M),
         z.stride(0), z.stride(1), lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1),
@@ -203,7 +205,7 @@ def lora_dA_tail(
     S = splits or max(1, min(triton.cdiv(2 * sm_count(ref.device), triton.cdiv(K, 128)), triton.cdiv(M, 64)))
     da_part = new_buffer((S, R, K), torch.float32, ref.device) if need_da else dz
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), S)
-    wrap_triton(_lora_dA_tail_kernel)[grid](
+    _lora_dA_tail_kernel[grid](
         dz, x if need_da else ref, lora_A, da_part, dx if need_tail else ref,
         M, K, R, m_bucket(M),
         dz.stride(0), dz.stride(1), *(x.stride() if need_da else (0, 0)), lora_A.stride(0), lora_A.stride(1),

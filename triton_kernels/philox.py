@@ -86,7 +86,12 @@ def keep_mask(M: int, K: int, p: float, seed: int, device: torch.device) -> torc
     return out
 
 
-@autotune([cfg(BLOCK_M=32, BLOCK_K=128), cfg(BLOCK_M=8, BLOCK_K=512)], cfg(1, 1, BLOCK_M=16, BLOCK_K=32), key=["K"])
+@autotune(
+    [cfg(BLOCK_M=32, BLOCK_K=128), cfg(BLOCK_M=8, BLOCK_K=512)],
+    cfg(1, 1, BLOCK_M=16, BLOCK_K=32),
+    key=["K"],
+    restore=["out_ptr"],  # out may be x (in place): each timed run must see the original
+)
 @triton.jit(do_not_specialize=_DROPOUT)
 def _dropout_kernel(
     x_ptr, out_ptr, M, K, row_offset,

@@ -23,7 +23,6 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .common import INTERPRET, autotune, cfg, round_to
 
@@ -255,10 +254,10 @@ def dequantize(weight: QuantWeight, out: torch.Tensor) -> torch.Tensor:
     if weight.kind in (NF4, NF4_DQ) and out.is_contiguous() and weight.blocksize & (weight.blocksize - 1) == 0:
         numel = N * K
         grid = lambda m: (triton.cdiv(numel, max(m["ELEMS"], weight.blocksize)),)
-        wrap_triton(_dequantize_nf4_flat_kernel)[grid](
+        _dequantize_nf4_flat_kernel[grid](
             *ptrs, out, numel, WQ=meta["WQ"], QBLOCK=meta["QBLOCK"], NQBLOCK=meta["NQBLOCK"]
         )
         return out
     grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(K, m["BLOCK_K"]))
-    wrap_triton(_dequantize_kernel)[grid](*ptrs, out, N, K, *strides, out.stride(0), out.stride(1), **meta)
+    _dequantize_kernel[grid](*ptrs, out, N, K, *strides, out.stride(0), out.stride(1), **meta)
     return out
