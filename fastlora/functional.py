@@ -105,7 +105,8 @@ def dropout_mask(
     _check_seed(seed)
     device = torch.device(device)
     name = _resolve(backend, device)
-    mod = backends.load("torch" if name == "reference" else name)
+    # every backend gives the same bits; "auto" on CUDA ("plans") takes the hybrid plan's kernel
+    mod = backends.load({"reference": "torch", "plans": "hybrid"}.get(name, name))
     return mod.dropout_mask(int(shape[0]), int(shape[1]), float(p), int(seed), device)
 
 
@@ -298,5 +299,7 @@ def _plan_backend(x, weight, bias, lora_A, lora_B, scale, p, route, quant: bool)
     qname = "dense"
     if quant:
         qname = "int8" if isinstance(weight, Int8Weight) else ("nf4-dq" if weight.double_quant else "nf4")
-    plan = plans.CHOOSER.choose(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scale), p, route, qname)
+    if qname.startswith("nf4"):
+        qname += f"-b{weight.blocksize}"
+    plan = plans.CHOOSER.choose(x, weight, bias, lora_A, lora_B, float(scale), p, route, qname)
     return plans.module_name(plan)

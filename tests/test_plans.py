@@ -222,3 +222,60 @@ def test_auto_resolves_to_the_plan_chooser_on_cuda_only():
         assert functional._resolve("auto", torch.device("cuda"), torch.bfloat16) == "plans"
         assert functional._resolve("auto", torch.device("cuda"), torch.float64) == "torch"
     assert fastlora.plan_table() == plans.CHOOSER.table()
+
+
+def test_choosing_under_torch_compile_never_breaks_the_graph(tmp_path):
+    """While tracing, nothing is read from disk or timed: a decision made eagerly is used, else
+    the default plan (the cold-cache file read was a graph break)."""
+    import torch._dynamo
+
+    timer = FakeTimer(hybrid=2e-3, fused=1e-3)
+    chooser = _chooser(tmp_path, timer)
+    x, W, b, A, B = _problem()
+
+    def f(x):
+        plan = chooser.choose(x, W, b, A, B, 0.5, 0.0, "auto", "dense")
+        return x * (2.0 if plan == "fused" else 3.0)
+
+    explain = torch._dynamo.explain(f)(x)
+    assert explain.graph_break_count == 0, [str(r.reason)[:200] for r in explain.break_reasons]
+    assert timer.timed == [] and not (tmp_path / "plans.json").exists()
+    torch._dynamo.reset()
+    assert _choose(chooser) == "fused"  # decided eagerly, then used by the next trace
+    torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(x), 2.0 * x)
+
+
+def test_first_use_check_exercises_the_rank_r_path_when_B_is_zero(tmp_path):
+    """PEFT initialises B to zero, which makes the whole rank-r path zero on the first step: the
+    check uses its own random factors, so a plan that drops the LoRA branch is still caught."""
+
+    class NoLoRA(_Wrong):
+        def forward(self, x, W, bias, A, B, scale, p, seed):
+            return self.real.forward(x, W, bias, A, torch.zeros_like(B), scale, p, seed)
+
+    timer = FakeTimer(hybrid=2e-3, fused=1e-6)
+    chooser = _chooser(tmp_path, timer, overrides={"triton": NoLoRA(backends.load("triton"))})
+    x, W, b, A, B = _problem()
+    with pytest.warns(RuntimeWarning, match="plan 'fused' dropped"):
+        assert chooser.choose(x, W, b, A, torch.zeros_like(B), 0.5, 0.0, "auto", "dense") == "hybrid"
+
+
+def test_every_plan_dropped_is_not_kept_on_disk(tmp_path):
+    timer = FakeTimer(hybrid=1e-3, fused=1e-3)
+    overrides = {"triton": _Raising(backends.load("triton")), "hybrid": _Raising(backends.load("hybrid"))}
+    chooser = _chooser(tmp_path, timer, overrides=overrides)
+    with pytest.warns(RuntimeWarning):
+        assert _choose(chooser) == "torch"
+    assert not (tmp_path / "plans.json").exists()  # a later process measures again
+
+
+def test_out_of_memory_while_measuring_drops_nothing(tmp_path):
+    class OOM(_Raising):
+        def forward(self, *args):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    timer = FakeTimer(hybrid=1e-3, fused=1e-3)
+    chooser = _chooser(tmp_path, timer, overrides={"triton": OOM(backends.load("triton"))})
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        assert _choose(chooser) == plans.DEFAULT
+    assert chooser.table() == [] and not (tmp_path / "plans.json").exists()

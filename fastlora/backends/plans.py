@@ -6,14 +6,18 @@ rank-r tail; backend name ``"triton"``, :mod:`.triton_backend`). Which is faster
 GPU, dtype and shape, so "auto" decides per key (device, versions, dtype, N, K, r, M bucket,
 dropout on/off, quantization) on the first call at that key:
 
-1. each candidate runs a first-use check: forward and backward on a slice of the call's rows
-   against the ``torch`` backend (same seed, same mask); a candidate that raises (fails to
-   compile or launch) or disagrees is dropped with one warning and never runs for that key;
+1. each candidate runs a first-use check: forward and backward on a slice of the call's rows,
+   with random LoRA factors and gradient of the call's shapes, against the float64 oracle and
+   the pure-PyTorch mask; a candidate that raises (fails to compile or launch) or disagrees is
+   dropped with one warning and never runs for that key;
 2. the survivors are timed (forward + backward at the call's shape) and the fastest is kept,
    in memory and in ``$FASTLORA_CACHE_DIR/plans.json`` (default ``~/.cache/fastlora``), so a
    new process at a known shape measures nothing; a corrupt cache file is ignored (one warning)
    and rewritten;
-3. with every candidate dropped, the ``torch`` backend runs.
+3. with every candidate dropped, the ``torch`` backend runs (kept for this process only). A
+   measurement that cannot be made now (out of memory, inside a CUDA graph capture) drops
+   nothing: the default plan runs and the key is measured again on a later call. Decisions
+   timed with ``FASTLORA_TRITON_PIN`` (untuned) are not written to the file.
 
 ``FASTLORA_PLAN=hybrid|fused|torch`` pins the plan (no check, no timing); ``auto`` (default)
 decides as above. :func:`plan_table` lists the decisions. Under ``torch.compile`` nothing can be
@@ -74,8 +78,9 @@ def cache_path() -> Path:
     return Path(root) / "plans.json"
 
 
-def device_timer(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
-    """Median seconds of ``fn()`` after one warm-up call (which compiles and tunes)."""
+def device_timer(fn: Callable[[], object], device: torch.device, reps: int = 7) -> float:
+    """Fastest of ``reps`` runs of ``fn()``, in seconds, after one warm-up call (which compiles
+    and tunes): the minimum is the estimate least disturbed by other work."""
     fn()
     times = []
     for _ in range(reps):
@@ -90,7 +95,7 @@ def device_timer(fn: Callable[[], object], device: torch.device, reps: int = 5) 
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 def _versions() -> str:
@@ -100,17 +105,30 @@ def _versions() -> str:
         tv = triton.__version__
     except Exception:  # pragma: no cover - the plans need triton anyway
         tv = "none"
-    return f"torch{torch.__version__}-triton{tv}"
+    from fastlora import __version__ as fv
+
+    return f"fastlora{fv}-torch{torch.__version__}-triton{tv}"
+
+
+_DEVICE_NAMES: dict[tuple[str, int | None], str] = {}
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace("|", "/")
-    return device.type
+    key = (device.type, device.index)
+    name = _DEVICE_NAMES.get(key)
+    if name is None:
+        name = torch.cuda.get_device_name(device).replace("|", "/") if device.type == "cuda" else device.type
+        _DEVICE_NAMES[key] = name
+    return name
 
 
 def _m_bucket(M: int) -> int:
     return min(1 << max(M - 1, 0).bit_length(), 8192)
+
+
+class _Transient(Exception):
+    """A measurement that could not be made now (out of memory, a CUDA graph being captured):
+    nothing is dropped and nothing is kept on disk."""
 
 
 class Chooser:
@@ -126,28 +144,53 @@ class Chooser:
         self.timer = timer
         self._load_module = load
         self._path = path
-        self._decisions: dict[str, dict] = {}
+        self._decisions: dict[str, dict] = {}  # string key -> decision (this process and the file)
+        self._fast: dict[tuple, str] = {}  # call key -> plan: the per-call lookup
         self._disk_read = False
         self._lock = threading.Lock()
         self._warned: set[str] = set()
 
     # -- keys and the cache file ----------------------------------------------------------
 
-    def key(self, x: Tensor, weight, lora_A: Tensor, p: float, quant: str) -> str:
+    @staticmethod
+    def _fast_key(x: Tensor, weight, lora_A: Tensor, bias, p: float, quant: str, quant_route: str) -> tuple:
+        """Everything the choice depends on, cheap to build on every call. x: (..., K)."""
         N, K = weight.shape
-        return "|".join(
-            (
-                _device_name(x.device),
-                _versions(),
-                str(x.dtype).removeprefix("torch."),
-                f"N{N}",
-                f"K{K}",
-                f"r{lora_A.shape[0]}",
-                f"M{_m_bucket(x.shape[0])}",
-                f"dropout{int(p > 0)}",
-                quant,
-            )
+        tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        return (
+            x.device.type,
+            x.device.index,
+            x.dtype,
+            N,
+            K,
+            lora_A.shape[0],
+            _m_bucket(x.numel() // K),
+            p > 0,
+            quant,
+            quant_route if quant != "dense" else "",
+            bias is not None,
+            tf32,
+            os.environ.get("FASTLORA_HYBRID_TAIL", "first"),
         )
+
+    def key(self, x: Tensor, weight, lora_A: Tensor, p: float, quant: str, bias=None, quant_route="auto") -> str:
+        """The cache file's key of a call: the fast key with the device's name and the versions."""
+        f = self._fast_key(x, weight, lora_A, bias, p, quant, quant_route)
+        _, _, dtype, N, K, r, bucket, dropout, quant, route, has_bias, tf32, tail = f
+        fields = [
+            _device_name(x.device),
+            _versions(),
+            str(dtype).removeprefix("torch.") + ("-tf32" if tf32 else ""),
+            f"N{N}",
+            f"K{K}",
+            f"r{r}",
+            f"M{bucket}",
+            f"dropout{int(dropout)}",
+            quant + (f"-{route}" if route else ""),
+            f"bias{int(has_bias)}",
+            f"tail-{tail}",
+        ]
+        return "|".join(fields)
 
     def path(self) -> Path:
         return self._path if self._path is not None else cache_path()
@@ -178,7 +221,8 @@ class Chooser:
         path = self.path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            merged = {**self._read_disk(), **self._decisions}
+            mine = {k: v for k, v in self._decisions.items() if v.get("persist", True)}
+            merged = {**self._read_disk(), **mine}
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".plans-", suffix=".json")
             with os.fdopen(fd, "w") as f:
                 json.dump({"version": _VERSION, "decisions": merged}, f, indent=1, sort_keys=True)
@@ -188,14 +232,11 @@ class Chooser:
                 f"write:{path}", f"fastlora: could not write the plan cache {path} ({exc}); decisions stay in memory"
             )
 
-    def _cached(self, key: str) -> dict | None:
-        if key in self._decisions:
-            return self._decisions[key]
+    def _load_disk_once(self) -> None:
         if not self._disk_read:
             self._disk_read = True
             for k, v in self._read_disk().items():
                 self._decisions.setdefault(k, v)
-        return self._decisions.get(key)
 
     # -- the decision ---------------------------------------------------------------------
 
@@ -219,52 +260,72 @@ class Chooser:
         quant_route: str,
         quant: str = "dense",
     ) -> str:
-        """The plan for this call (see the module docstring). x: (M, K); weight: (N, K) tensor
+        """The plan for this call (see the module docstring). x: (..., K); weight: (N, K) tensor
         or a ``fastlora.quant`` weight; the rest as ``lora_linear``'s."""
         pinned = pinned_plan()
         if pinned is not None:
             return pinned
-        key = self.key(x, weight, lora_A, p, quant)
-        found = self._cached(key)
-        if found is not None:
-            return found["plan"]
-        if torch.compiler.is_compiling():
+        fast = self._fast_key(x, weight, lora_A, bias, p, quant, quant_route)
+        plan = self._fast.get(fast)
+        if plan is not None:
+            return plan
+        if torch.compiler.is_compiling():  # no file, no timing while tracing: decided eagerly, or the default
             return DEFAULT
+        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return DEFAULT  # nothing can be timed inside a CUDA graph capture
         with self._lock:
+            key = self.key(x, weight, lora_A, p, quant, bias, quant_route)
+            self._load_disk_once()
             found = self._decisions.get(key)
             if found is None:
                 found = self._decide(key, x, weight, bias, lora_A, lora_B, scale, p, quant_route)
+                if found is None:  # transient: the default now, measured again on a later call
+                    return DEFAULT
                 self._decisions[key] = found
-                self._write_disk()
+                if found.get("persist", True):
+                    self._write_disk()
+            self._fast[fast] = found["plan"]
         return found["plan"]
 
-    def _decide(self, key, x, weight, bias, lora_A, lora_B, scale, p, quant_route) -> dict:
+    def _decide(self, key, x, weight, bias, lora_A, lora_B, scale, p, quant_route) -> dict | None:
         times: dict[str, float] = {}
         dropped: dict[str, str] = {}
-        for plan in CANDIDATES:
-            try:
-                mod = self.module(plan)
-                if not mod.is_available(x.device):
-                    raise RuntimeError(f"not available on {x.device.type}")
-                self._check(mod, x, weight, bias, lora_A, lora_B, scale, p, quant_route)
-                times[plan] = self.timer(
-                    self._step(mod, x, weight, bias, lora_A, lora_B, scale, p, quant_route), x.device
-                )
-            except Exception as exc:  # compile / launch failure, or a wrong answer: never run it here
-                dropped[plan] = f"{type(exc).__name__}: {exc}"[:300]
-                self._warn(f"drop:{key}:{plan}", f"fastlora: plan {plan!r} dropped for {key}: {dropped[plan]}")
+        x2 = x.reshape(-1, x.shape[-1])
+        try:
+            with torch.no_grad():
+                for plan in CANDIDATES:
+                    try:
+                        mod = self.module(plan)
+                        if not mod.is_available(x.device):
+                            raise RuntimeError(f"not available on {x.device.type}")
+                        self._check(mod, x2, weight, bias, lora_A, lora_B, scale, p, quant_route)
+                        step = self._step(mod, x2, weight, bias, lora_A, lora_B, scale, p, quant_route)
+                        times[plan] = self.timer(step, x.device)
+                    except torch.OutOfMemoryError as exc:
+                        raise _Transient(f"out of memory while measuring {plan!r}") from exc
+                    except Exception as exc:  # compile / launch failure, or a wrong answer: never run it here
+                        dropped[plan] = f"{type(exc).__name__}: {exc}"[:300]
+                        self._warn(f"drop:{key}:{plan}", f"fastlora: plan {plan!r} dropped for {key}: {dropped[plan]}")
+        except _Transient as exc:
+            if x.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._warn(f"transient:{key}", f"fastlora: {exc}; running {DEFAULT!r} for now ({key})")
+            return None
         plan = min(times, key=times.get) if times else "torch"
         return {
             "plan": plan,
             "times_ms": {k: round(v * 1e3, 4) for k, v in times.items()},
             "dropped": dropped,
             "decided": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            # nothing measured (every plan dropped), or untuned timings (FASTLORA_TRITON_PIN):
+            # this process only, never the file
+            "persist": bool(times) and os.environ.get("FASTLORA_TRITON_PIN", "0") in ("", "0"),
         }
 
     @staticmethod
     def _step(mod, x, weight, bias, lora_A, lora_B, scale, p, quant_route):
         gen = torch.Generator(device=x.device).manual_seed(0)
-        g = torch.randn((x.shape[0], weight.shape[0]), generator=gen, device=x.device).to(x.dtype)
+        g = torch.randn((x.shape[0], weight.shape[0]), generator=gen, device=x.device, dtype=x.dtype)
         quant = not isinstance(weight, Tensor)
         needs = (True, False, False, True, True)
 
@@ -278,49 +339,64 @@ class Chooser:
         return step
 
     def _check(self, mod, x, weight, bias, lora_A, lora_B, scale, p, quant_route) -> None:
-        """Forward + backward on the first rows against the torch backend (same mask bits)."""
-        ref_mod = self.module("torch")
+        """Forward + backward on the first rows, with random (never zero) LoRA factors, bias and
+        upstream gradient of the call's shapes and dtypes, against the float64 oracle with the
+        mask from the pure-PyTorch generator: the rank-r path is exercised even on the first
+        step (PEFT initialises B to zero), and a mask bug cannot agree with itself. The weight
+        is prepared for the call's M, so the route checked is the route run."""
+        from .. import _philox, reference
+
         xs = x[:_CHECK_ROWS]
+        m, K = xs.shape
+        N = weight.shape[0]
         gen = torch.Generator(device=x.device).manual_seed(1)
-        g = torch.randn((xs.shape[0], weight.shape[0]), generator=gen, device=x.device).to(x.dtype)
-        needs = (True, False, False, True, True)
-        outs = []
-        for m in (mod, ref_mod):
-            W = (
-                m.prepare_weight(weight, xs.shape[0], x.dtype, quant_route)
-                if not isinstance(weight, Tensor)
-                else weight
-            )
-            y, z = m.forward(xs, W, bias, lora_A, lora_B, scale, p, 1234)
-            y = y.clone()  # a scratch-route W is reused by the next prepare_weight
-            dx, _, _, dA, dB = m.backward(g, xs, z, W, lora_A, lora_B, scale, p, 1234, needs)
-            outs.append((y, z, dx, dA, dB))
+
+        def rnd(*shape, like, std=1.0):
+            return (torch.randn(shape, generator=gen, device=x.device, dtype=torch.float32) * std).to(like.dtype)
+
+        A = rnd(*lora_A.shape, like=lora_A, std=K**-0.5)
+        B = rnd(*lora_B.shape, like=lora_B)
+        b = None if bias is None else rnd(N, like=bias)
+        g = rnd(m, N, like=xs)
+        quant = not isinstance(weight, Tensor)
+        W = mod.prepare_weight(weight, x.shape[0], x.dtype, quant_route) if quant else weight
+        y, z = mod.forward(xs, W, b, A, B, scale, p, 1234)
+        y = y.clone()  # a scratch-route W is reused by the next prepare_weight
+        if quant:
+            W = mod.prepare_weight(weight, x.shape[0], x.dtype, quant_route)
+        dx, _, _, dA, dB = mod.backward(g, xs, z, W, A, B, scale, p, 1234, (True, False, False, True, True))
+        dense = weight.dequantize(x.dtype) if quant else weight
+        keep = _philox.keep_mask(m, K, p, 1234, x.device, force_python=True) if p > 0 else None
+        f64 = [t.double() for t in (xs, dense, A, B, g)]
+        bias64 = None if b is None else b.double()
+        want_y = reference.lora_linear_ref(f64[0], f64[1], f64[2], f64[3], scale, bias64, keep, p)
+        want_dx, want_dA, want_dB, _ = reference.lora_grads_ref(f64[4], f64[0], f64[1], f64[2], f64[3], scale, keep, p)
         tol = _CHECK_TOL.get(x.dtype, 1e-6)
-        for name, got, want in zip(("y", "z", "dx", "dA", "dB"), *outs, strict=True):
-            got, want = got.double(), want.double()
-            scale_ = want.abs().max().item() if want.numel() else 0.0
-            err = (got - want).abs().max().item() if want.numel() else 0.0
-            if not math.isfinite(err) or err > tol * max(scale_, 1e-30):
-                raise ValueError(
-                    f"first-use check: {name} differs from the torch backend by {err:.3g} (scale {scale_:.3g})"
-                )
+        for name, got, want in (("y", y, want_y), ("dx", dx, want_dx), ("dA", dA, want_dA), ("dB", dB, want_dB)):
+            err = (got.double() - want).abs().max().item()
+            size = want.abs().max().item()
+            if not math.isfinite(err) or err > tol * max(size, 1e-30):
+                raise ValueError(f"first-use check: {name} differs from the oracle by {err:.3g} (scale {size:.3g})")
 
     def table(self) -> list[dict]:
         """Every decision known to this process (made here or read from the cache file)."""
-        self._cached("")
+        with self._lock:
+            self._load_disk_once()
+            items = sorted(self._decisions.items())
         rows = []
-        for key, d in sorted(self._decisions.items()):
-            fields = key.split("|")
-            names = ("device", "versions", "dtype", "N", "K", "r", "M_bucket", "dropout", "quant")
-            row = dict(zip(names, fields, strict=False))
+        names = ("device", "versions", "dtype", "N", "K", "r", "M_bucket", "dropout", "quant", "bias", "tail")
+        for key, d in items:
+            row = dict(zip(names, key.split("|"), strict=False))
             row.update(plan=d["plan"], times_ms=d.get("times_ms", {}), dropped=d.get("dropped", {}), key=key)
             rows.append(row)
         return rows
 
     def clear(self) -> None:
         """Forget this process's decisions (the cache file stays)."""
-        self._decisions.clear()
-        self._disk_read = False
+        with self._lock:
+            self._decisions.clear()
+            self._fast.clear()
+            self._disk_read = False
 
 
 CHOOSER = Chooser()
