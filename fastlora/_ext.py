@@ -15,7 +15,14 @@ try:
 
     _reason: str | None = None
 except Exception as exc:  # not built (FASTLORA_NO_EXT, no compiler), ABI mismatch, ...
-    _reason = f"fastlora._C could not be imported ({type(exc).__name__}: {exc})"
+    import importlib.util
+
+    _built = importlib.util.find_spec("fastlora._C") is not None
+    _reason = (
+        f"fastlora._C could not be imported ({type(exc).__name__}: {exc})"
+        if _built
+        else "the C++ extension fastlora._C is not built (FASTLORA_NO_EXT, or no compiler at install time)"
+    )
 
 
 def available() -> bool:

@@ -109,8 +109,28 @@ def _triton_kernels():
     return None if mod is None else mod.tk
 
 
+_TRITON_BROKEN: set[torch.device] = set()
+
+
 def _on_triton(device: torch.device, force_python: bool) -> bool:
-    return device.type == "cuda" and not force_python and _triton_kernels() is not None
+    return device.type == "cuda" and not force_python and device not in _TRITON_BROKEN and _triton_kernels() is not None
+
+
+def _triton_or_none(fn, device: torch.device, *args, **kwargs):
+    """``fn(...)`` from the Triton kernels, or None (with one warning) when they fail to compile
+    or launch on ``device``: the masks then come from the pure-PyTorch generator there, so the
+    ``torch`` backend stays a working fallback."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        _TRITON_BROKEN.add(device)
+        warnings.warn(
+            f"fastlora: the Triton dropout kernels failed on {device} ({type(exc).__name__}: {exc}); "
+            "using the pure-PyTorch generator (same bits, slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
 
 
 def _keep_mask_torch(M: int, K: int, p: float, seed: int, row_offset: int, device: torch.device) -> Tensor:
@@ -156,7 +176,9 @@ def keep_mask(
     if _use_ext(device, force_python):
         return torch.ops.fastlora.dropout_mask(M, K, p, seed, row_offset)
     if _on_triton(device, force_python) and row_offset == 0:
-        return _triton_kernels().keep_mask(M, K, p, seed, device)
+        mask = _triton_or_none(_triton_kernels().keep_mask, device, M, K, p, seed, device)
+        if mask is not None:
+            return mask
     return _keep_mask_torch(M, K, p, seed, row_offset, device)
 
 
@@ -176,7 +198,9 @@ def dropout(x: Tensor, p: float, seed: int | Tensor, *, row_offset: int = 0, for
     if _use_ext(x.device, force_python):
         return torch.ops.fastlora.dropout(x, p, seed, row_offset)
     if x.dtype in _TRITON_DTYPES and _on_triton(x.device, force_python):
-        return _triton_kernels().dropout(x, p, seed, row_offset=row_offset)
+        out = _triton_or_none(_triton_kernels().dropout, x.device, x, p, seed, row_offset=row_offset)
+        if out is not None:
+            return out
     return _dropout_torch(x, p, seed, row_offset)
 
 
@@ -195,8 +219,8 @@ def dropout_(x: Tensor, p: float, seed: int | Tensor, *, row_offset: int = 0, fo
         torch.ops.fastlora.dropout_(x, p, seed, row_offset)
         return x
     if x.dtype in _TRITON_DTYPES and _on_triton(x.device, force_python):
-        _triton_kernels().dropout(x, p, seed, out=x, row_offset=row_offset)
-        return x
+        if _triton_or_none(_triton_kernels().dropout, x.device, x, p, seed, out=x, row_offset=row_offset) is not None:
+            return x
     return x.copy_(_dropout_torch(x, p, seed, row_offset))
 
 

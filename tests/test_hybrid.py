@@ -299,3 +299,22 @@ def test_tuning_call_of_an_accumulating_kernel_adds_once(which, monkeypatch):
         tk.dropout(out, 0.3, SEED, out=out)
         want = fastlora._philox.dropout(y0, 0.3, SEED, force_python=True).double()
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_masks_fall_back_when_triton_cannot_compile(monkeypatch):
+    """With a triton that imports but cannot compile, the torch backend must still work on
+    CUDA: one warning, then the pure-PyTorch generator's (identical) bits. CPU stands in."""
+    from fastlora import _philox
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(_philox, "_use_ext", lambda device, force: False)
+    monkeypatch.setattr(_philox, "_TRITON_BROKEN", set())
+    monkeypatch.setattr(_philox, "_on_triton", lambda d, f: not f and d not in _philox._TRITON_BROKEN)
+    monkeypatch.setattr(tk, "dropout", broken)
+    x = torch.randn(9, 12)
+    with pytest.warns(RuntimeWarning, match="Triton dropout kernels failed"):
+        out = _philox.dropout(x, 0.3, SEED)
+    assert torch.equal(out, _philox.dropout(x, 0.3, SEED, force_python=True))
+    assert torch.device("cpu") in _philox._TRITON_BROKEN  # not tried again on this device
