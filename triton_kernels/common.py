@@ -143,8 +143,12 @@ def _device_shared_memory(active, device: int) -> int:
 
 
 def configs(gpu: list[triton.Config], interpret: triton.Config) -> list[triton.Config]:
-    """The autotune space: one small config under the interpreter (tuning there is slow and
-    meaningless), the GPU list otherwise."""
+    """The autotune space: one small config under the interpreter, the GPU list otherwise.
+    Tuning there is slow and meaningless, and small tiles are the point: the tests' shapes of
+    tens of rows then cross several tiles, partial last tiles and multi-program reductions,
+    which GPU-sized tiles would hide (the GPU configs are compiled for sm_90 by
+    tests/sm90_aot.py, and FASTLORA_TRITON_PIN runs the compiled tests on the first of them;
+    docs/DESIGN.md section 4)."""
     return [interpret] if INTERPRET else gpu
 
 

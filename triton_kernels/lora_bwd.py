@@ -52,7 +52,8 @@ _DX_INTERPRET = _swap_nk(_GEMM_INTERPRET)
 # B2's output columns are K (BLOCK_K), its reduction N (BLOCK_N), its row operand g
 _prune_dx = functools.partial(_prune_gemm, out_block="BLOCK_K", red_block="BLOCK_N", a_arg="g_ptr")
 
-# B1's row tile is fixed on the host: it sets how many dB partial buffers exist.
+# B1's row tile is fixed on the host: it sets how many dB partial buffers exist. 16 under the
+# interpreter for the reason common.configs gives (test shapes must span several row tiles).
 _B1_BLOCK_M = 16 if INTERPRET else 64
 
 
