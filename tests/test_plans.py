@@ -86,7 +86,7 @@ def test_first_use_picks_the_faster_plan_and_keeps_it(tmp_path, faster):
     again = _chooser(tmp_path, timer2)
     assert _choose(again) == faster and timer2.timed == []
     rows = again.table()
-    assert {r["plan"] for r in rows} == {faster} and {r["dropout"] for r in rows} == {"dropout0", "dropout1"}
+    assert {r["plan"] for r in rows} == {faster} and {r["dropout"] for r in rows} == {False, True}
     assert rows[0]["times_ms"][faster] == pytest.approx(1.0)
 
 
@@ -279,3 +279,14 @@ def test_out_of_memory_while_measuring_drops_nothing(tmp_path):
     with pytest.warns(RuntimeWarning, match="out of memory"):
         assert _choose(chooser) == plans.DEFAULT
     assert chooser.table() == [] and not (tmp_path / "plans.json").exists()
+
+
+def test_plan_table_rows_are_plain_fields(tmp_path):
+    timer = FakeTimer(hybrid=1e-3, fused=2e-3)
+    chooser = _chooser(tmp_path, timer)
+    x, W, b, A, B = _problem(K=64)
+    chooser.choose(x, fastlora.quantize(W, "nf4", blocksize=128), b, A, B, 0.5, 0.1, "auto", "nf4-dq-b128")
+    (row,) = chooser.table()
+    want = dict(dtype="float32", N=20, K=64, r=4, M_bucket=64, dropout=True, quant="nf4", double_quant=True)
+    assert {k: row[k] for k in want} == want
+    assert row["blocksize"] == 128 and row["route"] == "auto" and row["bias"] is True and row["plan"] == "hybrid"

@@ -126,6 +126,35 @@ def _m_bucket(M: int) -> int:
     return min(1 << max(M - 1, 0).bit_length(), 8192)
 
 
+def _parse_key(key: str) -> dict:
+    """A cache key's fields as plain values (what :func:`plan_table` rows show)."""
+    f = key.split("|")
+    if len(f) != 11:  # a key of another layout (hand-edited file): shown as it is
+        return {}
+    device, versions, dtype, N, K, r, M, dropout, quant, bias, tail = f
+    # quant: "dense", "int8-<route>", "nf4[-dq]-b<blocksize>-<route>"
+    parts = quant.split("-")
+    blocks = [int(q[1:]) for q in parts[1:] if q.startswith("b") and q[1:].isdigit()]
+    named = [q for q in parts[1:] if q != "dq" and not (q.startswith("b") and q[1:].isdigit())]
+    return {
+        "device": device,
+        "versions": versions,
+        "dtype": dtype.removesuffix("-tf32"),
+        "tf32": dtype.endswith("-tf32"),
+        "N": int(N[1:]),
+        "K": int(K[1:]),
+        "r": int(r[1:]),
+        "M_bucket": int(M[1:]),
+        "dropout": dropout == "dropout1",
+        "quant": parts[0],
+        "double_quant": "dq" in parts[1:],
+        "blocksize": blocks[0] if blocks else None,
+        "route": named[-1] if named else None,
+        "bias": bias == "bias1",
+        "hybrid_tail": tail.removeprefix("tail-"),
+    }
+
+
 class _Transient(Exception):
     """A measurement that could not be made now (out of memory, a CUDA graph being captured):
     nothing is dropped and nothing is kept on disk."""
@@ -383,13 +412,10 @@ class Chooser:
         with self._lock:
             self._load_disk_once()
             items = sorted(self._decisions.items())
-        rows = []
-        names = ("device", "versions", "dtype", "N", "K", "r", "M_bucket", "dropout", "quant", "bias", "tail")
-        for key, d in items:
-            row = dict(zip(names, key.split("|"), strict=False))
-            row.update(plan=d["plan"], times_ms=d.get("times_ms", {}), dropped=d.get("dropped", {}), key=key)
-            rows.append(row)
-        return rows
+        return [
+            dict(_parse_key(key), plan=d["plan"], times_ms=d.get("times_ms", {}), dropped=d.get("dropped", {}), key=key)
+            for key, d in items
+        ]
 
     def clear(self) -> None:
         """Forget this process's decisions (the cache file stays)."""
