@@ -1,5 +1,9 @@
 """The seeded dropout generator: one bit-exact definition shared by every backend.
 
+Long module: the definition below and every entry point that must reproduce its bits (the
+pure-PyTorch generator, the dispatch to the C++ and Triton kernels, the fused masked products
+and their compile-time wrappers) stay in one file, so that a change of the spec is one diff.
+
 The mask is never stored; forward and backward regenerate it from the seed, so the C++ ops
 (``csrc/philox_dropout.cpp``), the Triton kernels and the pure-PyTorch path below must
 produce the same bits:

@@ -16,14 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent / "fastlora"
 MAX_LINES = 400
 # a module over MAX_LINES says why in its docstring with this phrase
 REASON = "long module:"
-# Modules whose owners are editing them right now: a failing length check is reported as xfail
-# with the reason, not as a failure, until the owner splits the module or gives the reason.
-PENDING = {
-    "fastlora._philox": "418 lines; owned by the in-flight kernel work (issue 18), which adds its reason or splits it",
-    "fastlora.backends.plans": "over 400 lines in the in-flight plan work (issue 18); its owner splits it or says why",
-}
-
-
 def _modules() -> dict[str, Path]:
     mods = {}
     for path in sorted(ROOT.rglob("*.py")):
@@ -116,8 +108,6 @@ def test_long_modules_say_why(name):
     if n <= MAX_LINES:
         return
     doc = ast.get_docstring(ast.parse(text)) or ""
-    if REASON not in doc.lower() and name in PENDING:
-        pytest.xfail(PENDING[name])
     assert REASON in doc.lower(), (
         f"{path.relative_to(ROOT.parent)} has {n} lines (> {MAX_LINES}): split it, or say why it is one module "
         f"in its docstring ('{REASON} ...')"

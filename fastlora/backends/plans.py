@@ -1,5 +1,9 @@
 """How ``backend="auto"`` picks a plan for CUDA tensors: measured once per shape, kept on disk.
 
+Long module: the key, the first-use check, the timing and the cache file are one decision
+procedure whose parts share its invariants (what a key holds decides what a check proves and
+what may be written to disk); they are read together.
+
 Two plans compute the op on a GPU: ``hybrid`` (cuBLAS for the big GEMMs, Triton for the
 rank-r work; :mod:`.hybrid_backend`) and ``fused`` (single-pass Triton GEMMs carrying the
 rank-r tail; backend name ``"triton"``, :mod:`.triton_backend`). Which is faster depends on the
