@@ -15,6 +15,8 @@ TEST_ARGS ?=
 # against the same torch is used, otherwise the tests take the pure-PyTorch path.
 TRITON36_VENV ?= .venv-triton36
 TRITON36_TESTS ?= tests/test_triton.py tests/test_triton_quant.py tests/test_sm90_aot.py \
+	tests/test_hybrid.py tests/test_plans.py \
+	tests/test_compile.py::test_first_call_compiled_in_a_fresh_process_with_dropout \
 	tests/test_philox.py::test_triton_randint4x_is_the_same_philox \
 	tests/test_variants.py::test_variants_on_triton_match_torch_backend
 
