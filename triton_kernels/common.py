@@ -83,6 +83,13 @@ def int32_safe(t: torch.Tensor | None) -> torch.Tensor | None:
     return t
 
 
+def sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The sum over dim 0 of fp32 partials (S, ...) in ``dtype``; with S == 1 no reduction
+    kernel runs (small M: every launch counts on the host)."""
+    out = part[0] if part.shape[0] == 1 else part.sum(0)
+    return out.to(dtype)
+
+
 def rank_pad(r: int) -> int:
     """The rank padded to a power of two of at least 16, the smallest tl.dot dimension;
     A, B, z and dz are never copied into padded buffers, loads mask the padding."""

@@ -30,6 +30,7 @@ from .common import (
     rank_pad,
     round_to,
     sm_count,
+    sum_partials,
 )
 from .lora_fwd import _GEMM_GPU, _GEMM_INTERPRET, _prune_gemm, grouped_tile
 from .philox import keep_tile
@@ -301,8 +302,8 @@ def lora_bwd_dz_dB(
         scale,
         NEED_DZ=need_dz, NEED_DB=need_dB, R_PAD=rank_pad(R), BLOCK_M=block_m, **dot_flags(g.dtype),
     )  # fmt: skip
-    dz = dz_part.sum(0) if need_dz else empty
-    dB = db_part.sum(0).to(lora_B.dtype) if need_dB else empty
+    dz = sum_partials(dz_part, torch.float32) if need_dz else empty
+    dB = sum_partials(db_part, lora_B.dtype) if need_dB else empty
     return dz, dB
 
 
@@ -372,4 +373,4 @@ def lora_bwd_dA(dz: torch.Tensor, x: torch.Tensor, p: float, seed: int, splits: 
         dz.stride(0), dz.stride(1), x.stride(0), x.stride(1), R * K, K,
         **dropout_args(p, seed), ALIGNED=K % 4 == 0, R_PAD=rank_pad(R), **dot_flags(x.dtype),
     )  # fmt: skip
-    return da_part.sum(0).to(x.dtype)
+    return sum_partials(da_part, x.dtype)

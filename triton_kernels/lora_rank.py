@@ -28,6 +28,7 @@ from .common import (
     new_buffer,
     rank_pad,
     sm_count,
+    sum_partials,
 )
 from .lora_fwd import _prune_m, _tail_tile
 from .philox import keep_tile
@@ -213,4 +214,4 @@ def lora_dA_tail(
         **dropout_args(p, seed), ALIGNED=K % 4 == 0, NEED_DA=need_da, NEED_TAIL=need_tail,
         ACCUMULATE=accumulate, R_PAD=rank_pad(R), **dot_flags(ref.dtype),
     )  # fmt: skip
-    return da_part.sum(0).to(x.dtype) if need_da else None
+    return sum_partials(da_part, x.dtype) if need_da else None
