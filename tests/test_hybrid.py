@@ -7,7 +7,7 @@ same tests run compiled. Tolerance: FlashAttention's rule, as tests/test_triton.
 
 import pytest
 import torch
-from test_triton import CASES, DEVICE, SEED, _assert_rule, _f64, _inputs, _refs
+from test_triton import CASES, DEVICE, SEED, _f64, _inputs, check_parity
 
 import fastlora
 from fastlora import backends, reference
@@ -33,19 +33,7 @@ def tail_order(request, monkeypatch):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("M,K,N,r,dtype", CASES)
 def test_parity_with_oracle(M, K, N, r, dtype, p, tail_order):
-    bias = p == 0.0 or r == 13
-    x, W, b, A, B, g = _inputs(M, K, N, r, dtype, bias)
-    s = 2.0 / r**0.5
-    y, z = hb.forward(x, W, b, A, B, s, p, SEED)
-    dx, dW, db, dA, dB = hb.backward(g, x, z, W, A, B, s, p, SEED, ALL)
-    mask = hb.dropout_mask(M, K, p, SEED, DEVICE)
-    want64 = _refs(*map(_f64, (x, W, b, A, B, g)), s, p, mask)
-    want_dt = _refs(x, W, b, A, B, g, s, p, mask)
-    for name, out, r64, rdt in zip(("y", "z", "dx", "dA", "dB"), (y, z, dx, dA, dB), want64, want_dt, strict=False):
-        assert out.dtype == dtype and out.shape == r64.shape, name
-        _assert_rule(out, r64, rdt, name)
-    torch.testing.assert_close(dW, g.T @ x)
-    torch.testing.assert_close(db, g.sum(0))
+    check_parity(hb, M, K, N, r, dtype, p)
 
 
 @pytest.mark.parametrize(

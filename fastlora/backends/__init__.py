@@ -88,6 +88,15 @@ def usable(name: str, device: torch.device) -> bool:
     return mod is not None and mod.is_available(device)
 
 
+def base_grads(g: torch.Tensor, x: torch.Tensor | None, need_dW: bool, need_db: bool):
+    """(dW, dbias) of the base layer, for a caller that unfroze it, else None: every backend's
+    backward ends with these. g: (M, N), x: (M, K)."""
+    # dW = g^T x
+    dW = torch.mm(g.t(), x) if need_dW else None
+    db = g.sum(0) if need_db else None
+    return dW, db
+
+
 def preload() -> None:
     """Import the torch backend, and the Triton backends wherever CUDA can be used (a CUDA build of torch) or the
     interpreter is on, so that their ops are registered before any ``torch.compile`` trace (a

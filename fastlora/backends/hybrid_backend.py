@@ -26,6 +26,7 @@ import os
 import torch
 from torch import Tensor
 
+from . import base_grads
 from . import triton_backend as _fused
 
 tk = _fused.tk
@@ -151,7 +152,5 @@ def backward(
     else:
         seed = _fused.host_seed(seed)
         dx, dA, dB = _backward(g, x, z, weight, lora_A, lora_B, scale, p, seed, need_dx, need_dA, need_dB)
-    # dW = g^T x and dbias only when the caller unfroze the base
-    dW = torch.mm(g.t(), x) if need_dW else None
-    db = g.sum(0) if need_db else None
+    dW, db = base_grads(g, x, need_dW, need_db)
     return dx, dW, db, dA, dB

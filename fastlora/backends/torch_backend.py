@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import _philox
 from ..quant import dequantize_scratch
+from . import base_grads
 
 
 def is_available(device: torch.device) -> bool:
@@ -113,9 +114,5 @@ def backward(
         if p > 0:
             _philox.dropout_(dx, p, seed)
         dx.addmm_(g, weight)
-    if need_dW:
-        # dW = g^T @ x (only when the caller unfroze the base weight)
-        dW = torch.mm(g.t(), x)
-    if need_db:
-        db = g.sum(0)
+    dW, db = base_grads(g, x, need_dW, need_db)
     return dx, dW, db, dA, dB

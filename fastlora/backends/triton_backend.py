@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..quant import NF4Weight, scratch_buffer
+from . import base_grads
 
 
 def _import_kernels() -> ModuleType:
@@ -317,9 +318,5 @@ def backward(
             dx = ops.dx(g, dz, weight, lora_A, p, seed=seed)
         if need_dA:
             dA = ops.dA(dz, x, p, seed=seed)
-    if need_dW:
-        # dW = g^T x (only when the caller unfroze the base weight)
-        dW = torch.mm(g.t(), x)
-    if need_db:
-        db = g.sum(0)
+    dW, db = base_grads(g, x, need_dW, need_db)
     return dx, dW, db, dA, dB
