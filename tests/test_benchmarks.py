@@ -310,3 +310,11 @@ def test_publish_targets_the_committed_results():
     for bad in (["--publish", "--quick"], ["--publish", "--out", "x"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_host_overhead_script_runs():
+    """benchmarks.host_overhead measures what README quotes (a smoke run: no timing asserted)."""
+    from benchmarks import host_overhead
+
+    m = host_overhead.measure(0.1, pairs=20, warmup=5)
+    assert m["fastlora_us"] > 0 and m["peft_way_us"] > 0 and m["ratio"] == m["fastlora_us"] / m["peft_way_us"]
