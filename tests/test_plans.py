@@ -72,7 +72,8 @@ def no_pin(monkeypatch):
 
 
 @pytest.mark.parametrize("faster", ["hybrid", "fused"])
-def test_first_use_picks_the_faster_plan_and_keeps_it(tmp_path, faster):
+def test_first_use_picks_the_faster_plan_and_keeps_it(tmp_path, faster, monkeypatch):
+    monkeypatch.delenv("FASTLORA_TRITON_PIN", raising=False)  # pinned timings are never written
     slower = "fused" if faster == "hybrid" else "hybrid"
     timer = FakeTimer(**{faster: 1e-3, slower: 2e-3})
     chooser = _chooser(tmp_path, timer)
@@ -101,7 +102,8 @@ def test_m_bucket_and_shape_are_part_of_the_key(tmp_path):
     assert len(timer.timed) == 6
 
 
-def test_corrupt_cache_file_is_ignored_and_rewritten(tmp_path):
+def test_corrupt_cache_file_is_ignored_and_rewritten(tmp_path, monkeypatch):
+    monkeypatch.delenv("FASTLORA_TRITON_PIN", raising=False)
     path = tmp_path / "plans.json"
     for junk in ("{not json", json.dumps({"version": 1, "decisions": {"k": {"plan": "warp-drive"}}}), "[]"):
         path.write_text(junk)
@@ -204,7 +206,8 @@ def test_cache_dir_env_moves_the_file(tmp_path, monkeypatch):
     assert chooser.path() == tmp_path / "elsewhere" / "plans.json"
 
 
-def test_unwritable_cache_keeps_decisions_in_memory(tmp_path):
+def test_unwritable_cache_keeps_decisions_in_memory(tmp_path, monkeypatch):
+    monkeypatch.delenv("FASTLORA_TRITON_PIN", raising=False)  # else nothing is written at all
     blocker = tmp_path / "file"
     blocker.write_text("")
     timer = FakeTimer(hybrid=1e-3, fused=2e-3)
@@ -290,3 +293,13 @@ def test_plan_table_rows_are_plain_fields(tmp_path):
     want = dict(dtype="float32", N=20, K=64, r=4, M_bucket=64, dropout=True, quant="nf4", double_quant=True)
     assert {k: row[k] for k in want} == want
     assert row["blocksize"] == 128 and row["route"] == "auto" and row["bias"] is True and row["plan"] == "hybrid"
+
+
+def test_first_use_timings_with_pinned_configs_stay_in_memory(tmp_path, monkeypatch):
+    """Untuned timings (FASTLORA_TRITON_PIN, what the compiled tests run) decide for this
+    process only: a later, tuned process measures again."""
+    monkeypatch.setenv("FASTLORA_TRITON_PIN", "1")
+    timer = FakeTimer(hybrid=1e-3, fused=2e-3)
+    chooser = _chooser(tmp_path, timer)
+    assert _choose(chooser) == "hybrid" and len(chooser.table()) == 1
+    assert not (tmp_path / "plans.json").exists()
