@@ -7,7 +7,7 @@ same tests run compiled. Tolerance: FlashAttention's rule, as tests/test_triton.
 
 import pytest
 import torch
-from test_triton import CASES, DEVICE, SEED, _f64, _inputs, check_parity
+from test_triton import CASES, DEVICE, SEED, _assert_rule, _f64, _inputs, _refs, check_parity
 
 import fastlora
 from fastlora import backends, reference
@@ -119,20 +119,28 @@ def test_triton_dropout_is_the_spec(M, K, dtype):
     assert torch.equal(tk.dropout(x, 0.3, SEED, row_offset=2**33 // K), rows)
 
 
-def test_quantized_base_takes_the_scratch_route():
-    """NF4 / int8 bases: dequantized into the scratch buffer by Triton, then the dense GEMMs,
-    at every M and whatever route is asked for."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "fmt,kw",
+    [("nf4", {"double_quant": False}), ("nf4", {}), ("nf4", {"blocksize": 128}), ("int8", {})],
+    ids=["nf4", "nf4-dq", "nf4-dq-b128", "int8"],
+)
+def test_quantized_base_takes_the_scratch_route(fmt, kw, dtype):
+    """NF4 (with and without double quant, two blocksizes) and int8 bases: W dequantized into the
+    scratch buffer by Triton, bit-exact with fastlora.quant, whatever route is asked for; then
+    forward and backward by the dense plan against the oracle (FlashAttention's rule)."""
     M, K, N, r, p = 37, 64, 70, 13, 0.3
-    x, W, b, A, B, g = _inputs(M, K, N, r, torch.float32)
-    for fmt in ("nf4", "int8"):
-        q = fastlora.quantize(W, fmt)
-        Wq = hb.prepare_weight(q, M, torch.float32, "fused")
-        assert isinstance(Wq, torch.Tensor)
-        torch.testing.assert_close(Wq, q.dequantize(torch.float32), rtol=0, atol=0)
-        y, z = hb.forward(x, Wq, b, A, B, 0.5, p, SEED)
-        mask = hb.dropout_mask(M, K, p, SEED, DEVICE)
-        want = reference.lora_linear_ref(*map(_f64, (x, Wq, A, B)), 0.5, _f64(b), mask, p)
-        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    x, W, b, A, B, g = _inputs(M, K, N, r, dtype)
+    q = fastlora.quantize(W.float(), fmt, **kw)
+    Wq = hb.prepare_weight(q, M, dtype, "fused")
+    assert isinstance(Wq, torch.Tensor) and torch.equal(Wq, q.dequantize(dtype))
+    y, z = hb.forward(x, Wq, b, A, B, 0.5, p, SEED)
+    dx, _, _, dA, dB = hb.backward(g, x, z, Wq, A, B, 0.5, p, SEED, ALL)
+    mask = hb.dropout_mask(M, K, p, SEED, DEVICE)
+    want64 = _refs(*map(_f64, (x, Wq, b, A, B, g)), 0.5, p, mask)
+    want_dt = _refs(x, Wq, b, A, B, g, 0.5, p, mask)
+    for name, out, w64, wdt in zip(("y", "z", "dx", "dA", "dB"), (y, z, dx, dA, dB), want64, want_dt, strict=True):
+        _assert_rule(out, w64, wdt, name)
 
 
 def test_lora_linear_runs_the_hybrid_backend():
