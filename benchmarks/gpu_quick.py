@@ -102,7 +102,8 @@ SELECTION: list[Selected] = [
       for shape, route, p in (("M37-K70-N33-r13", "fused", 0.3), ("M70-K48-N33-r8", "fused", 0),
                               ("M70-K48-N33-r8", "scratch", 0))
       if route == "fused" or kind == "nf4" or dt == "bf16"],
-    Selected(_H + "test_quantized_base_takes_the_scratch_route", 3, "hybrid plan on an NF4 base (scratch + cuBLAS)"),
+    Selected(_H + "test_quantized_base_takes_the_scratch_route[nf4-dq-torch.bfloat16]", 3,
+             "hybrid plan on an NF4 base (scratch + cuBLAS)"),
     Selected(_H + "test_lora_linear_runs_the_hybrid_backend", 3, "functional -> autograd -> hybrid backend"),
     Selected("tests/test_plans.py -k first_use", 12,
              "the plans' first-use self-check (issue #15; the lead's tests, ~3 assumed)"),
