@@ -231,11 +231,16 @@ def test_strided_inputs_are_bitwise_equal():
 def test_backward_computes_only_what_is_needed(needs):
     """LoRA-FA and friends: what is not needed is None and the rest is right; z is not even
     passed when dB is not needed, x not when dA is not."""
+    check_only_needed(tb, needs)
+
+
+def check_only_needed(backend, needs):
+    """``backend.backward`` computes exactly ``needs`` (the hybrid plan's tests run it too)."""
     M, K, N, r, p = 37, 33, 70, 13, 0.3
     x, W, _, A, B, g = _inputs(M, K, N, r, torch.float32)
-    _, z = tb.forward(x, W, None, A, B, 0.5, p, SEED)
-    out = tb.backward(g, x if needs[3] else None, z if needs[4] else None, W, A, B, 0.5, p, SEED, needs)
-    mask = tb.dropout_mask(M, K, p, SEED, DEVICE)
+    _, z = backend.forward(x, W, None, A, B, 0.5, p, SEED)
+    out = backend.backward(g, x if needs[3] else None, z if needs[4] else None, W, A, B, 0.5, p, SEED, needs)
+    mask = backend.dropout_mask(M, K, p, SEED, DEVICE)
     dx, dA, dB, _ = reference.lora_grads_ref(*map(_f64, (g, x, W, A, B)), 0.5, mask, p)
     for i, want in zip((0, 3, 4), (dx, dA, dB), strict=False):
         if needs[i]:
