@@ -14,7 +14,7 @@ cubin. Nothing runs.
 ``--all-configs`` compiles every autotune config (minutes per kernel family on two cores);
 by default only each autotuner's first config, the one with the largest tiles. Prints a table
 and writes one JSON row per compiled kernel: name, constexprs, warps, stages, shared memory,
-registers and spill bytes (from the bundled cuobjdump), whether its PTX rounds adds explicitly.
+registers, spill bytes and SASS instruction count (from the bundled cuobjdump), whether its PTX rounds adds explicitly.
 Used by tests/test_sm90_aot.py; TRITON_INTERPRET must not be set.
 """
 
@@ -136,10 +136,18 @@ def resource_usage(cubin: bytes) -> dict:
         f.write(cubin)
         f.flush()
         text = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
     usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
     if "REG" not in usage:
         raise RuntimeError(f"cuobjdump printed no resource usage:\n{text}")
-    return {"regs": int(usage["REG"]), "stack": int(usage.get("STACK", 0)), "local": int(usage.get("LOCAL", 0))}
+    return {
+        "regs": int(usage["REG"]),
+        "stack": int(usage.get("STACK", 0)),
+        "local": int(usage.get("LOCAL", 0)),
+        # SASS instructions (each line "/*0a30*/ INSTR ;"): a code-size measure to compare
+        # two versions of a kernel by, e.g. before and after a refactor that should not change it
+        "sass": len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s", sass, flags=re.M)),
+    }
 
 
 def cases(dtypes: list[torch.dtype]):
