@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent / "fastlora"
 MAX_LINES = 400
 # a module over MAX_LINES says why in its docstring with this phrase
 REASON = "long module:"
+
+
 def _modules() -> dict[str, Path]:
     mods = {}
     for path in sorted(ROOT.rglob("*.py")):
