@@ -115,6 +115,7 @@ SELECTION: list[Selected] = [
     Selected(_X + "test_cuda_dequantize_matches_cpu[(300, 1111)-64]", 2, "csrc/cuda NF4 dequant, odd shape"),
     Selected(_X + "test_cuda_opcheck[nf4_linear]", 3, "torch.library opcheck of the CUDA nf4_linear"),
     Selected(_T + "test_fused_shrink[torch.bfloat16-0.3]", 3, "F2 with the shrink fused in, bf16 p=0.3"),
+    Selected(_T + "test_split_reductions[P3-S2]", 3, "B1's dB partials over several 64-row tiles, B3's splits"),
     Selected(_T + "test_keep_mask_matches_philox[0.3-M5-K48]", 2, "the Philox mask kernel (4 elements a call)"),
     Selected(_T + "test_lora_linear_autograd", 4, "functional -> LoRAFunction -> triton on a 3-D input"),
 ]  # fmt: skip

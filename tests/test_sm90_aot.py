@@ -34,7 +34,6 @@ KERNELS = {
     "_lora_fwd_kernel",
     "_lora_bwd_dz_dB_kernel",
     "_lora_bwd_dx_kernel",
-    "_lora_bwd_dA_kernel",
     "_dequantize_kernel",
     "_dequantize_nf4_flat_kernel",
     "_keep_mask_kernel",

@@ -10,6 +10,8 @@ import triton.language as tl
 
 # Read once, like triton itself does: the variable must be set before triton is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# as jit code reads it (module globals reach jit code only as constexprs)
+_INTERPRETED = tl.constexpr(INTERPRET)
 
 # Test hook: when True every buffer a launcher allocates starts as NaN (or True for masks), so
 # a kernel that skips a tile leaves a visible hole instead of stale memory.
@@ -34,15 +36,16 @@ def check_dtype(t: torch.Tensor) -> None:
 
 
 @triton.jit
-def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """``acc + a @ b`` accumulated in fp32.
+def mma(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b`` accumulated in fp32. IEEE: full fp32 products for fp32 inputs (matching
+    torch's default matmul precision) instead of TF32.
 
-    UPCAST: the interpreter multiplies the raw uint16 bit patterns of bf16 operands (triton
-    issue 11584), so when interpreting the operands are widened to fp32 first; compiled
-    kernels keep the bf16/fp16 tensor-core path. IEEE: full fp32 products for fp32 inputs
-    (matching torch's default matmul precision) instead of TF32.
+    The interpreter multiplies the raw uint16 bit patterns of bf16 operands (triton issue
+    11584), so when interpreting bf16 operands are widened to fp32 first; compiled kernels keep
+    the bf16/fp16 tensor-core path. This is the only place the kernels' dots differ between the
+    interpreter and the GPU (docs/DESIGN.md section 4).
     """
-    if UPCAST:
+    if _INTERPRETED and a.dtype == tl.bfloat16:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if IEEE:
@@ -55,22 +58,21 @@ def round_to(x, dtype: tl.constexpr):
     """fp32 ``x`` rounded to nearest even in ``dtype``, as torch's casts round. The interpreter
     truncates fp32 -> bf16 casts (it drops the rounding mode), so there the bf16 bits are made
     directly; compiled casts round to nearest even already. (Finite x: the values are weights.)"""
-    if _INTERPRET_BF16_FIX and dtype == tl.bfloat16:
+    if _INTERPRETED and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(dtype)
 
 
-_INTERPRET_BF16_FIX = tl.constexpr(INTERPRET)
-
-
 def dot_flags(dtype: torch.dtype) -> dict:
-    """Constexprs of :func:`mma` for operands of ``dtype``."""
-    return {
-        "UPCAST": INTERPRET and dtype == torch.bfloat16,
-        "IEEE": dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
-    }
+    """The constexpr of :func:`mma` for operands of ``dtype``: IEEE fp32 unless torch allows TF32."""
+    return {"IEEE": dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32}
+
+
+def operand(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """A 2-D tensor as the GEMM kernels take it: (tensor, stride 0, stride 1)."""
+    return t, t.stride(0), t.stride(1)
 
 
 def int32_safe(t: torch.Tensor | None) -> torch.Tensor | None:

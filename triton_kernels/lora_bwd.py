@@ -1,10 +1,10 @@
 """Backward kernels (DESIGN.md section 3, B1 to B3), given g = dL/dy (M, N).
 
 B1 ``_lora_bwd_dz_dB_kernel``: dz = s g B and dB = s g^T z in one read of g.
-B2 ``_lora_bwd_dx_kernel``:    dx = g W + keep * (dz A) / (1 - p), a GEMM over N with a rank-r
-                               tail, the mask regenerated for the tail; W dense, or NF4 / int8
-                               dequantized tile by tile in registers.
-B3 ``_lora_bwd_dA_kernel``:    dA = dz^T dropout(x), the mask regenerated.
+B2 ``_lora_bwd_dx_kernel``:    dx = g W + keep * (dz A) / (1 - p), the GEMM over N with a rank-r
+                               tail of triton_kernels/gemm.py, the mask regenerated for the tail;
+                               W dense, or NF4 / int8 dequantized tile by tile in registers.
+B3 :func:`lora_bwd_dA`:       dA = dz^T dropout(x), the mask regenerated (lora_rank.py's kernel).
 
 Cross-program reductions go through fp32 partial buffers summed by torch afterwards, never
 atomics, so gradients are bitwise reproducible.
@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from .common import (
-    INTERPRET,
     autotune,
     cfg,
     check_dtype,
@@ -27,35 +26,28 @@ from .common import (
     m_bucket,
     mma,
     new_buffer,
+    operand,
     rank_pad,
-    round_to,
     sm_count,
     sum_partials,
 )
-from .lora_fwd import _GEMM_GPU, _GEMM_INTERPRET, _prune_gemm, grouped_tile
-from .philox import keep_tile
-from .quant import QuantWeight, dequant_tile, weight_operands
+from .gemm import GEMM_GPU, GEMM_INTERPRET, gemm_rank_tile, grouped_tile, prune_gemm, swap_nk
+from .lora_rank import lora_dA_tail
+from .quant import QuantWeight, weight_operands
 
 _DROPOUT = ["seed_lo", "seed_hi", "thresh"]
 
 
-# B2 reduces over N and tiles K: F2's configs with the roles of BLOCK_N and BLOCK_K swapped, so
-# the pipelined operand tiles stay the same size.
-def _swap_nk(c):
-    return cfg(
-        c.num_warps, c.num_stages, **{**c.kwargs, "BLOCK_N": c.kwargs["BLOCK_K"], "BLOCK_K": c.kwargs["BLOCK_N"]}
-    )
-
-
-_DX_GPU = [_swap_nk(c) for c in _GEMM_GPU]
-_DX_INTERPRET = _swap_nk(_GEMM_INTERPRET)
+# B2 reduces over N and tiles K: F2's configs with the roles of BLOCK_N and BLOCK_K swapped
+_DX_GPU = [swap_nk(c) for c in GEMM_GPU]
+_DX_INTERPRET = swap_nk(GEMM_INTERPRET)
 
 # B2's output columns are K (BLOCK_K), its reduction N (BLOCK_N), its row operand g
-_prune_dx = functools.partial(_prune_gemm, out_block="BLOCK_K", red_block="BLOCK_N", a_arg="g_ptr")
+_prune_dx = functools.partial(prune_gemm, out_block="BLOCK_K", red_block="BLOCK_N", a_arg="g")
 
-# B1's row tile is fixed on the host: it sets how many dB partial buffers exist. 16 under the
-# interpreter for the reason common.configs gives (test shapes must span several row tiles).
-_B1_BLOCK_M = 16 if INTERPRET else 64
+# B1's row tile, fixed on the host (it sets how many dB partial buffers exist); the same under
+# the interpreter, where tests/test_triton.py's split test spans several of these row tiles.
+B1_BLOCK_M = 64
 
 
 @autotune(
@@ -71,7 +63,7 @@ def _lora_bwd_dz_dB_kernel(
     stride_dzs, stride_dzm, stride_dbs, stride_dbn,
     scale,
     NEED_DZ: tl.constexpr, NEED_DB: tl.constexpr, R_PAD: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Program (i, j) takes row tiles i, i + P, ... (P = grid dim 0) and the column chunks
     j, j + S, ... of g (S = grid dim 1). dz partial j (S, M, R) is summed in registers over
@@ -109,10 +101,10 @@ def _lora_bwd_dz_dB_kernel(
                     mask=n_ok[:, None] & r_ok[None, :],
                     other=0.0,
                 )
-                dz = mma(g, b, dz, UPCAST, IEEE)
+                dz = mma(g, b, dz, IEEE)
             if NEED_DB:
                 # dB = s g^T z
-                db = mma(tl.trans(g), z, tl.zeros((BLOCK_N, R_PAD), tl.float32), UPCAST, IEEE) * scale
+                db = mma(tl.trans(g), z, tl.zeros((BLOCK_N, R_PAD), tl.float32), IEEE) * scale
                 db_ptrs = dbp_base + cols[:, None] * stride_dbn + rs[None, :]
                 db_mask = n_ok[:, None] & r_ok[None, :]
                 if t != pid_m:
@@ -125,54 +117,22 @@ def _lora_bwd_dz_dB_kernel(
             tl.debug_barrier()
 
 
-@triton.jit
-def _dx_tail_tile(dz_ptr, a_ptr, rows, k0, m_ok, k_ok, K, R, stride_dzm, stride_dzr, stride_ar, stride_ak,
-                  seed_lo, seed_hi, thresh, keep_scale, acc, HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
-                  UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """``acc + keep * (dz[rows] @ A[:, k0:k0+BLOCK_K]) / (1 - p)`` (acc is zero or masked along)."""
-    cols = k0 + tl.arange(0, BLOCK_K)
-    rr = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        r_ok = r0 + rr < R
-        dz = tl.load(
-            dz_ptr + rows[:, None] * stride_dzm + (r0 + rr)[None, :] * stride_dzr,
-            mask=m_ok[:, None] & r_ok[None, :],
-            other=0.0,
-        )
-        a = tl.load(
-            a_ptr + (r0 + rr)[:, None] * stride_ar + cols[None, :] * stride_ak,
-            mask=r_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        acc = mma(dz.to(a.dtype), a, acc, UPCAST, IEEE)
-    if HAS_DROPOUT:
-        # dx_lora = keep * (dz A) / (1 - p)
-        keep = keep_tile(rows, k0, K, seed_lo, seed_hi, thresh, BLOCK_K, ALIGNED)
-        acc = tl.where(keep, acc * keep_scale, 0.0)
-    return acc
-
-
 @autotune(
     _DX_GPU, _DX_INTERPRET, key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "WQ", "QBLOCK", "IEEE"], prune=_prune_dx
 )
 @triton.jit(do_not_specialize=_DROPOUT)
 def _lora_bwd_dx_kernel(
-    g_ptr, w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr, dz_ptr, a_ptr, dx_ptr,
+    g, w, dz, a, dx,
     M, N, K, R, M_BUCKET,
-    stride_gm, stride_gn, stride_wn, stride_wk, stride_dzm, stride_dzr,
-    stride_ar, stride_ak, stride_dxm, stride_dxk,
     seed_lo, seed_hi, thresh, keep_scale,
     HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr, QALIGNED: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr, QALIGNED: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """dx (M, K) = g (M, N) @ W (N, K) + keep * (dz (M, R) @ A (R, K)) / (1 - p).
-
-    WQ: W dense, or quantized and dequantized tile by tile to g's dtype (as F2).
-
-    The tail runs first and is masked on its own, then the N loop accumulates on top, so one
-    fp32 accumulator holds dx. BLOCK_N is the reduction tile here, BLOCK_K the output column tile.
+    """dx (M, K) = g (M, N) @ W (N, K) + keep * (dz (M, R) @ A (R, K)) / (1 - p):
+    :func:`gemm_rank_tile` over N with the masked tail dz A. Operands as (pointer, stride,
+    stride); w = (tensors, stride_n, stride_k), W dense or quantized and dequantized tile by
+    tile to g's dtype (as F2). BLOCK_N is the reduction tile here, BLOCK_K the output column tile.
     """
     pid_m, pid_k = grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -180,88 +140,15 @@ def _lora_bwd_dx_kernel(
     cols = k0 + tl.arange(0, BLOCK_K)
     m_ok = rows < M
     k_ok = cols < K
-
-    acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-    if not IEEE:
-        # 16-bit / TF32: the masked tail first, one accumulator through the N loop
-        acc = _dx_tail_tile(dz_ptr, a_ptr, rows, k0, m_ok, k_ok, K, R, stride_dzm, stride_dzr, stride_ar,
-                            stride_ak, seed_lo, seed_hi, thresh, keep_scale, acc, HAS_DROPOUT, ALIGNED,
-                            UPCAST, IEEE, BLOCK_R, BLOCK_K)  # fmt: skip
-
-    ns = tl.arange(0, BLOCK_N)
-    g_ptrs = g_ptr + rows[:, None] * stride_gm + ns[None, :] * stride_gn
-    w_ptrs = w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk
-    for n0 in range(0, N, BLOCK_N):
-        n_ok = n0 + ns < N
-        g = tl.load(g_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        if WQ == 0:
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        else:
-            w = dequant_tile(
-                w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr,
-                (n0 + ns)[:, None], cols[None, :], n_ok[:, None], k_ok[None, :], K, k0, stride_wn, stride_wk,
-                WQ, QBLOCK, NQBLOCK, QALIGNED, BLOCK_K,
-            )  # fmt: skip
-            w = round_to(w, g_ptr.dtype.element_ty)
-        # dx_base = g W
-        acc = mma(g, w, acc, UPCAST, IEEE)
-        g_ptrs += BLOCK_N * stride_gn
-        w_ptrs += BLOCK_N * stride_wn
-
-    if IEEE:
-        # IEEE fp32: g W summed from zero, the tail in its own accumulator, added once (as F2)
-        tail = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-        acc += _dx_tail_tile(dz_ptr, a_ptr, rows, k0, m_ok, k_ok, K, R, stride_dzm, stride_dzr, stride_ar,
-                             stride_ak, seed_lo, seed_hi, thresh, keep_scale, tail, HAS_DROPOUT, ALIGNED,
-                             UPCAST, IEEE, BLOCK_R, BLOCK_K)  # fmt: skip
-    dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
-
-
-@autotune(
-    [cfg(4, 3, BLOCK_M=64, BLOCK_K=64), cfg(4, 3, BLOCK_M=64, BLOCK_K=128), cfg(8, 3, BLOCK_M=128, BLOCK_K=64)],
-    cfg(1, 1, BLOCK_M=16, BLOCK_K=32),
-    key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
-)
-@triton.jit(do_not_specialize=_DROPOUT)
-def _lora_bwd_dA_kernel(
-    dz_ptr, x_ptr, da_ptr,
-    M, K, R, M_BUCKET,
-    stride_dzm, stride_dzr, stride_xm, stride_xk, stride_das, stride_dar,
-    seed_lo, seed_hi, thresh, keep_scale,
-    HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, R_PAD: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """dA partial (S, R, K): program (k, s) sums dz^T @ (keep * x) / (1 - p) over the row tiles
-    s, s + S, ... (S = grid dim 1) for its BLOCK_K columns."""
-    k0 = tl.program_id(0) * BLOCK_K
-    pid_s = tl.program_id(1)
-    cols = k0 + tl.arange(0, BLOCK_K)
-    k_ok = cols < K
-    rs = tl.arange(0, R_PAD)
-    r_ok = rs < R
-    acc = tl.zeros((R_PAD, BLOCK_K), tl.float32)
-    for m0 in range(pid_s * BLOCK_M, M, tl.num_programs(1) * BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        m_ok = rows < M
-        dzt = tl.load(
-            dz_ptr + rows[None, :] * stride_dzm + rs[:, None] * stride_dzr,
-            mask=r_ok[:, None] & m_ok[None, :],
-            other=0.0,
-        )
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        if HAS_DROPOUT:
-            x = tl.where(keep_tile(rows, k0, K, seed_lo, seed_hi, thresh, BLOCK_K, ALIGNED), x, 0.0)
-        # dA = dz^T (keep * x) / (1 - p)
-        acc = mma(dzt.to(x.dtype), x, acc, UPCAST, IEEE)
-    if HAS_DROPOUT:
-        acc = acc * keep_scale
-    da_ptrs = da_ptr + pid_s.to(tl.int64) * stride_das + rs[:, None] * stride_dar + cols[None, :]
-    tl.store(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
+    acc, _ = gemm_rank_tile(  # no side product: its operand and accumulator are placeholders
+        g, w, dz, a, a,
+        rows, cols, m_ok, k_ok, k0, N, K, R, keep_scale, (seed_lo, seed_hi, thresh, keep_scale), 0.0,
+        W_T=False, WQ=WQ, QBLOCK=QBLOCK, NQBLOCK=NQBLOCK, QALIGNED=QALIGNED,
+        TAIL=True, MASK_TAIL=HAS_DROPOUT, SIDE=False, HAS_DROPOUT=False, ALIGNED=ALIGNED,
+        IEEE=IEEE, BLOCK_M=BLOCK_M, BLOCK_OUT=BLOCK_K, BLOCK_RED=BLOCK_N, BLOCK_R=BLOCK_R, R_PAD=R_PAD,
+    )  # fmt: skip
+    dx_ptrs = dx[0] + rows[:, None] * dx[1] + cols[None, :] * dx[2]
+    tl.store(dx_ptrs, acc.to(dx[0].dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
 def lora_bwd_dz_dB(
@@ -272,7 +159,7 @@ def lora_bwd_dz_dB(
     need_dz: bool,
     row_programs: int | None = None,
     col_splits: int | None = None,
-    block_m: int = _B1_BLOCK_M,
+    block_m: int = B1_BLOCK_M,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """B1: ``dz = s g B`` (fp32) and ``dB = s g^T z`` (lora_B's dtype) in one read of g.
 
@@ -342,13 +229,11 @@ def lora_bwd_dx(
     dx = new_buffer((M, K), g.dtype, g.device)
     if M == 0:
         return dx
-    w_ptrs, w_strides, w_meta = weight_operands(weight)
+    w_op, w_meta = weight_operands(weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
     _lora_bwd_dx_kernel[grid](
-        g, *w_ptrs, dz, lora_A, dx,
+        operand(g), w_op, operand(dz), operand(lora_A), operand(dx),
         M, N, K, R, m_bucket(M),
-        g.stride(0), g.stride(1), *w_strides, dz.stride(0), dz.stride(1),
-        lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
         **dropout_args(p, seed), ALIGNED=K % 4 == 0, R_PAD=r_pad, BLOCK_R=min(r_pad, 64),
         **w_meta, **dot_flags(g.dtype),
     )  # fmt: skip
@@ -357,20 +242,6 @@ def lora_bwd_dx(
 
 def lora_bwd_dA(dz: torch.Tensor, x: torch.Tensor, p: float, seed: int, splits: int | None = None) -> torch.Tensor:
     """B3: ``dA = dz^T dropout(x)``. dz: (M, r) fp32, x: (M, K) -> dA: (r, K) in x's dtype.
-    ``splits`` row ranges reduce in parallel into fp32 partials (splits, r, K)."""
-    check_dtype(x)
-    x = int32_safe(x)
-    M, K = x.shape
-    R = dz.shape[1]
-    if M == 0:
-        return x.new_zeros((R, K))
-    S = splits or max(1, min(triton.cdiv(2 * sm_count(x.device), triton.cdiv(K, 128)), triton.cdiv(M, 32)))
-    da_part = new_buffer((S, R, K), torch.float32, x.device)
-    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), S)
-    _lora_bwd_dA_kernel[grid](
-        dz, x, da_part,
-        M, K, R, m_bucket(M),
-        dz.stride(0), dz.stride(1), x.stride(0), x.stride(1), R * K, K,
-        **dropout_args(p, seed), ALIGNED=K % 4 == 0, R_PAD=rank_pad(R), **dot_flags(x.dtype),
-    )  # fmt: skip
-    return sum_partials(da_part, x.dtype)
+    ``splits`` row ranges reduce in parallel into fp32 partials (splits, r, K). The hybrid
+    plan's kernel (:func:`lora_dA_tail`) with no dx tail: one kernel for the one job."""
+    return lora_dA_tail(dz, x, None, p, seed, None, splits=splits)

@@ -30,7 +30,7 @@ from .common import (
     sm_count,
     sum_partials,
 )
-from .lora_fwd import _prune_m, _tail_tile
+from .gemm import prune_m, rank_tile
 from .philox import keep_tile
 
 _DROPOUT = ["seed_lo", "seed_hi", "thresh"]
@@ -40,7 +40,7 @@ _DROPOUT = ["seed_lo", "seed_hi", "thresh"]
     [cfg(4, 3, BLOCK_M=64, BLOCK_N=128), cfg(8, 3, BLOCK_M=128, BLOCK_N=128), cfg(4, 3, BLOCK_M=32, BLOCK_N=256)],
     cfg(1, 1, BLOCK_M=16, BLOCK_N=32),
     key=["M_BUCKET", "N", "R_PAD", "ACCUMULATE"],
-    prune=_prune_m,
+    prune=prune_m,
     restore=["y_ptr"],
 )
 @triton.jit
@@ -50,7 +50,7 @@ def _lora_tail_kernel(
     stride_zm, stride_zr, stride_bn, stride_br, stride_ym, stride_yn,
     scale,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """y (M, N) = [y +] s * z (M, R) @ B^T (R, N) + bias; one (BLOCK_M, BLOCK_N) tile a program.
     The sum is formed in fp32 and rounded once: with ACCUMULATE, ``y + (s z B^T + bias)``."""
@@ -59,8 +59,8 @@ def _lora_tail_kernel(
     m_ok = rows < M
     n_ok = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc = _tail_tile(z_ptr, b_ptr, rows, cols, m_ok, n_ok, R, stride_zm, stride_zr, stride_bn, stride_br,
-                     acc, UPCAST, IEEE, BLOCK_R) * scale  # fmt: skip
+    acc = rank_tile((z_ptr, stride_zm, stride_zr), (b_ptr, stride_br, stride_bn), rows, cols, m_ok, n_ok, R,
+                    acc, IEEE, BLOCK_R) * scale  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
@@ -98,7 +98,7 @@ def _lora_dA_tail_kernel(
     seed_lo, seed_hi, thresh, keep_scale,
     HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, NEED_DA: tl.constexpr, NEED_TAIL: tl.constexpr,
     ACCUMULATE: tl.constexpr, R_PAD: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Program (k, s) owns columns k*BLOCK_K.. and the row tiles s, s + S, ... (S = grid dim 1).
 
@@ -132,10 +132,10 @@ def _lora_dA_tail_kernel(
             if HAS_DROPOUT:
                 x = tl.where(keep, x, 0.0)
             # dA = dz^T (keep * x) / (1 - p)
-            acc = mma(tl.trans(dz.to(x.dtype)), x, acc, UPCAST, IEEE)
+            acc = mma(tl.trans(dz.to(x.dtype)), x, acc, IEEE)
         if NEED_TAIL:
             # dx_lora = keep * (dz A) / (1 - p)
-            t = mma(dz.to(a.dtype), a, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), UPCAST, IEEE)
+            t = mma(dz.to(a.dtype), a, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), IEEE)
             if HAS_DROPOUT:
                 t = tl.where(keep, t * keep_scale, 0.0)
             dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk
@@ -178,7 +178,7 @@ def lora_tail(
 def lora_dA_tail(
     dz: torch.Tensor,
     x: torch.Tensor | None,
-    lora_A: torch.Tensor,
+    lora_A: torch.Tensor | None,
     p: float,
     seed: int,
     dx: torch.Tensor | None,
@@ -187,8 +187,8 @@ def lora_dA_tail(
 ) -> torch.Tensor | None:
     """dA and the masked dx tail from one read of x.
 
-    dz: (M, r) fp32 from B1; x: (M, K) or None (dA not needed: x is not read); lora_A: (r, K);
-    dx: (M, K) or None (no tail). Writes ``dx = [dx +] keep * (dz A) / (1 - p)`` and returns
+    dz: (M, r) fp32 from B1; x: (M, K) or None (dA not needed: x is not read); lora_A: (r, K),
+    or None without a tail; dx: (M, K) or None (no tail). Writes ``dx = [dx +] keep * (dz A) / (1 - p)`` and returns
     ``dA = dz^T dropout(x)`` (r, K) in x's dtype, or None without x. ``splits``: row ranges
     reduced in parallel into fp32 partials (splits, r, K) (None: fill the GPU)."""
     need_da, need_tail = x is not None, dx is not None
@@ -196,7 +196,9 @@ def lora_dA_tail(
     if ref is None:
         return None
     check_dtype(ref)
-    x, lora_A = int32_safe(x), int32_safe(lora_A)
+    if need_tail and lora_A is None:
+        raise ValueError("lora_dA_tail: the dx tail needs lora_A")
+    x, lora_A = int32_safe(x), int32_safe(lora_A) if need_tail else ref
     if dx is not None and int32_safe(dx) is not dx:
         raise ValueError("lora_dA_tail: dx's last-dim stride times its width passes 2**31; pass a contiguous dx")
     M, K = ref.shape

@@ -73,19 +73,20 @@ class QuantWeight(NamedTuple):
         return cls(kind, (N, K), *tensors, blocksize=blocksize, nested_blocksize=nested_blocksize)
 
 
-def weight_operands(weight: torch.Tensor | QuantWeight) -> tuple[tuple, tuple[int, int], dict]:
-    """The W arguments of F2 / B2 / the dequantize kernel: the six pointers, the two strides
-    and the constexprs. A dense weight fills the quantized slots with itself (never read)."""
+def weight_operands(weight: torch.Tensor | QuantWeight) -> tuple[tuple, dict]:
+    """W as F2 / B2 / the dequantize kernels take it: ``(tensors, stride_n, stride_k)`` and the
+    constexprs. ``tensors`` holds the format's own tensors only: (W,) dense; (CB, SCB) int8;
+    (codes, absmax, code) NF4; and (nested_absmax, nested_code, offset) after those with double
+    quantization. stride_n / stride_k are W's, CB's, or (K, 1) for NF4's flat codes."""
     if isinstance(weight, torch.Tensor):
-        return (
-            (weight,) * 6,
-            (weight.stride(0), weight.stride(1)),
-            {"WQ": DENSE, "QBLOCK": 1, "NQBLOCK": 1, "QALIGNED": True},
-        )
+        meta = {"WQ": DENSE, "QBLOCK": 1, "NQBLOCK": 1, "QALIGNED": True}
+        return ((weight,), weight.stride(0), weight.stride(1)), meta
     if weight.kind not in (NF4, NF4_DQ, INT8):
         raise ValueError(f"unknown quantized weight kind {weight.kind}")
-    fill = weight.data
-    ptrs = tuple(fill if t is None else t for t in weight.flat()[0])
+    count = {INT8: 2, NF4: 3, NF4_DQ: 6}[weight.kind]
+    tensors = tuple(weight.flat()[0][:count])
+    if any(t is None for t in tensors):
+        raise ValueError(f"quantized weight of kind {weight.kind} is missing one of its {count} tensors")
     strides = (weight.data.stride(0), weight.data.stride(1)) if weight.kind == INT8 else (weight.shape[1], 1)
     meta = {
         "WQ": weight.kind,
@@ -93,7 +94,7 @@ def weight_operands(weight: torch.Tensor | QuantWeight) -> tuple[tuple, tuple[in
         "NQBLOCK": weight.nested_blocksize,
         "QALIGNED": weight.shape[1] % weight.blocksize == 0,
     }
-    return ptrs, strides, meta
+    return (tensors, *strides), meta
 
 
 @triton.jit
@@ -135,29 +136,29 @@ def _nf4_value(code_ptr, nibble):
 
 
 @triton.jit
-def _block_absmax(qs_ptr, nabs_ptr, ncode_ptr, off_ptr, block, ok, WQ: tl.constexpr, NQBLOCK: tl.constexpr):
-    """fp32 absmax of the NF4 blocks ``block`` (any shape), 0 where not ``ok``."""
+def _block_absmax(q, block, ok, WQ: tl.constexpr, NQBLOCK: tl.constexpr):
+    """fp32 absmax of the NF4 blocks ``block`` (any shape), 0 where not ``ok``; q: the format's
+    tensors (:func:`weight_operands`)."""
     if WQ == _NF4_DQ:
-        q = tl.load(qs_ptr + block, mask=ok, other=0).to(tl.int32)
-        absmax = tl.load(ncode_ptr + q, mask=ok, other=0.0)
-        absmax = absmax * tl.load(nabs_ptr + block // NQBLOCK, mask=ok, other=0.0)
-        absmax = _add_rounded(absmax, tl.load(off_ptr), _EXACT_ADD)
+        quantized = tl.load(q[1] + block, mask=ok, other=0).to(tl.int32)
+        absmax = tl.load(q[4] + quantized, mask=ok, other=0.0)
+        absmax = absmax * tl.load(q[3] + block // NQBLOCK, mask=ok, other=0.0)
+        absmax = _add_rounded(absmax, tl.load(q[5]), _EXACT_ADD)
     else:
-        absmax = tl.load(qs_ptr + block, mask=ok, other=0.0)
+        absmax = tl.load(q[1] + block, mask=ok, other=0.0)
     return absmax  # one return: compiled triton types every return, taken or not
 
 
 @triton.jit
 def dequant_tile(
-    w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr,
-    n, k, n_ok, k_ok, K, k0, stride_wn, stride_wk,
+    q, n, k, n_ok, k_ok, K, k0, stride_wn, stride_wk,
     WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr, QALIGNED: tl.constexpr,
     KSPAN: tl.constexpr,
 ):  # fmt: skip
-    """fp32 W[n, k] of a quantized weight, 0 outside ``n_ok & k_ok``. n, k: integer index
-    tensors that broadcast to the tile (e.g. ``cols[None, :]`` and ``ks[:, None]``); n_ok and
-    k_ok: their bounds, shaped like them. The tile's k are k0 + [0, KSPAN), k0 a multiple of
-    KSPAN (a power of two).
+    """fp32 W[n, k] of a quantized weight, 0 outside ``n_ok & k_ok``. q: the format's tensors
+    (:func:`weight_operands`). n, k: integer index tensors that broadcast to the tile (e.g.
+    ``cols[None, :]`` and ``ks[:, None]``); n_ok and k_ok: their bounds, shaped like them. The
+    tile's k are k0 + [0, KSPAN), k0 a multiple of KSPAN (a power of two).
 
     NF4 statistics are loaded per (row, block), not per element: row n's k range touches the
     blocks ``first .. last`` of its flat index range, at most ``SPAN`` of them (one when
@@ -166,27 +167,25 @@ def dequant_tile(
     n = n.to(tl.int64)
     mask = n_ok & k_ok
     if WQ == _INT8:
-        cb = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0)
-        scb = tl.load(qs_ptr + n, mask=n_ok, other=0.0)
+        cb = tl.load(q[0] + n * stride_wn + k * stride_wk, mask=mask, other=0)
+        scb = tl.load(q[1] + n, mask=n_ok, other=0.0)
         w = (cb.to(tl.float32) * scb) * _INT8_SCALE
     else:
         e = n * K + k
-        byte = tl.load(w_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)
+        byte = tl.load(q[0] + (e >> 1), mask=mask, other=0).to(tl.int32)
         nibble = (byte >> (((e & 1) ^ 1) * 4).to(tl.int32)) & 0xF
         first = (n * K + k0) // QBLOCK
         if QALIGNED and KSPAN <= QBLOCK:
-            absmax = _block_absmax(qs_ptr, nabs_ptr, ncode_ptr, off_ptr, first, n_ok, WQ, NQBLOCK)
+            absmax = _block_absmax(q, first, n_ok, WQ, NQBLOCK)
         else:
             SPAN: tl.constexpr = KSPAN // QBLOCK if QALIGNED else (KSPAN - 1) // QBLOCK + 2
             last = (n * K + tl.minimum(k0 + KSPAN, K) - 1) // QBLOCK
             block = e // QBLOCK
             absmax = tl.zeros(block.shape, tl.float32)
             for j in tl.static_range(SPAN):
-                a = _block_absmax(
-                    qs_ptr, nabs_ptr, ncode_ptr, off_ptr, first + j, n_ok & (first + j <= last), WQ, NQBLOCK
-                )
+                a = _block_absmax(q, first + j, n_ok & (first + j <= last), WQ, NQBLOCK)
                 absmax = tl.where(block == first + j, a, absmax)
-        w = tl.where(mask, _nf4_value(code_ptr, nibble) * absmax, 0.0)
+        w = tl.where(mask, _nf4_value(q[2], nibble) * absmax, 0.0)
     return w
 
 
@@ -197,29 +196,28 @@ def dequant_tile(
 )
 @triton.jit
 def _dequantize_kernel(
-    w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr, out_ptr,
-    N, K, stride_wn, stride_wk, stride_on, stride_ok,
+    w, out_ptr, N, K, stride_on, stride_ok,
     WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr, QALIGNED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """out (N, K) = W in out's dtype, one (BLOCK_N, BLOCK_K) tile per program."""
+    """out (N, K) = W in out's dtype, one (BLOCK_N, BLOCK_K) tile per program; w = (tensors,
+    stride_n, stride_k) (:func:`weight_operands`)."""
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     k = k0 + tl.arange(0, BLOCK_K)
     n_ok = (n < N)[:, None]
     k_ok = (k < K)[None, :]
-    w = dequant_tile(
-        w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr,
-        n[:, None], k[None, :], n_ok, k_ok, K, k0, stride_wn, stride_wk, WQ, QBLOCK, NQBLOCK, QALIGNED, BLOCK_K,
+    wt = dequant_tile(
+        w[0], n[:, None], k[None, :], n_ok, k_ok, K, k0, w[1], w[2], WQ, QBLOCK, NQBLOCK, QALIGNED, BLOCK_K,
     )  # fmt: skip
     out_ptrs = out_ptr + n[:, None] * stride_on + k[None, :] * stride_ok
-    tl.store(out_ptrs, round_to(w, out_ptr.dtype.element_ty), mask=n_ok & k_ok)
+    tl.store(out_ptrs, round_to(wt, out_ptr.dtype.element_ty), mask=n_ok & k_ok)
 
 
 @autotune([cfg(4, 1, ELEMS=2048), cfg(8, 1, ELEMS=4096), cfg(8, 1, ELEMS=8192)], cfg(1, 1, ELEMS=256), key=["QBLOCK"])
 @triton.jit
 def _dequantize_nf4_flat_kernel(
-    w_ptr, qs_ptr, code_ptr, nabs_ptr, ncode_ptr, off_ptr, out_ptr, NUMEL,
+    q, out_ptr, NUMEL,
     WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr, ELEMS: tl.constexpr,
 ):  # fmt: skip
     """A contiguous out (N*K elements) from NF4 codes, the flat layout bitsandbytes uses: a
@@ -231,12 +229,12 @@ def _dequantize_nf4_flat_kernel(
     HALF: tl.constexpr = QBLOCK // 2
     blocks = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
     b_ok = blocks * QBLOCK < NUMEL
-    absmax = _block_absmax(qs_ptr, nabs_ptr, ncode_ptr, off_ptr, blocks, b_ok, WQ, NQBLOCK)
+    absmax = _block_absmax(q, blocks, b_ok, WQ, NQBLOCK)
     # byte j of a block holds its elements 2j (high nibble) and 2j + 1 (low nibble)
     first = blocks[:, None] * QBLOCK + 2 * tl.arange(0, HALF)[None, :]
-    byte = tl.load(w_ptr + (first >> 1), mask=first < NUMEL, other=0).to(tl.int32)
-    hi = tl.load(code_ptr + (byte >> 4)) * absmax[:, None]
-    lo = tl.load(code_ptr + (byte & 0xF)) * absmax[:, None]
+    byte = tl.load(q[0] + (first >> 1), mask=first < NUMEL, other=0).to(tl.int32)
+    hi = tl.load(q[2] + (byte >> 4)) * absmax[:, None]
+    lo = tl.load(q[2] + (byte & 0xF)) * absmax[:, None]
     w = tl.interleave(hi, lo)  # (NB, QBLOCK): element order within each block
     e = blocks[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     tl.store(out_ptr + e, round_to(w, out_ptr.dtype.element_ty), mask=e < NUMEL)
@@ -250,14 +248,14 @@ def dequantize(weight: QuantWeight, out: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"out shape {tuple(out.shape)} != weight shape {(N, K)}")
     if out.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"out must be float32, float16 or bfloat16, got {out.dtype}")
-    ptrs, strides, meta = weight_operands(weight)
+    w, meta = weight_operands(weight)
     if weight.kind in (NF4, NF4_DQ) and out.is_contiguous() and weight.blocksize & (weight.blocksize - 1) == 0:
         numel = N * K
         grid = lambda m: (triton.cdiv(numel, max(m["ELEMS"], weight.blocksize)),)
         _dequantize_nf4_flat_kernel[grid](
-            *ptrs, out, numel, WQ=meta["WQ"], QBLOCK=meta["QBLOCK"], NQBLOCK=meta["NQBLOCK"]
+            w[0], out, numel, WQ=meta["WQ"], QBLOCK=meta["QBLOCK"], NQBLOCK=meta["NQBLOCK"]
         )
         return out
     grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(K, m["BLOCK_K"]))
-    _dequantize_kernel[grid](*ptrs, out, N, K, *strides, out.stride(0), out.stride(1), **meta)
+    _dequantize_kernel[grid](w, out, N, K, out.stride(0), out.stride(1), **meta)
     return out
