@@ -127,6 +127,24 @@ def test_double_quant_absmax_add_is_rounded_alone(compiled):
     assert plain and not any(r["add_rn"] for r in plain), "add.rn.f32 found where no double quant runs"
 
 
+def test_ieee_fp32_gemms_hold_one_accumulator(compiled):
+    """IEEE fp32 F2/B2 sum the GEMM apart from the tail (issue 16's accumulation order) and park
+    that sum in the output tile while the tail is formed (triton_kernels/gemm.py, ``park``):
+    holding both fp32 accumulators, their first tile (64x128, the largest the IEEE pruning keeps)
+    spilled 320 bytes a thread (F2) and 1.4 KB (B2); parked, 8-56 bytes with ptxas 12.8 and 12.9."""
+    rows, *_ = compiled
+    gemms = [
+        r
+        for r in rows
+        if r["case"] in ("fwd-dense-float32", "bwd-dx-dense-float32")
+        and r["kernel"] in ("_lora_fwd_kernel", "_lora_bwd_dx_kernel")
+    ]
+    assert {r["kernel"] for r in gemms} == {"_lora_fwd_kernel", "_lora_bwd_dx_kernel"}
+    assert all(r["local"] + r["stack"] <= 64 for r in gemms), [
+        (r["case"], r["constexprs"], r["local"] + r["stack"]) for r in gemms
+    ]
+
+
 def _nvcc() -> str:
     nvcc = shutil.which("nvcc") or (
         os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None

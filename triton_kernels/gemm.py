@@ -139,8 +139,24 @@ def _tail(left, right, rows, outs, m_ok, o_ok, out0, K, R, tail_scale, drop, acc
 
 
 @triton.jit
+def park(out, rows, outs, ok, acc):
+    """Store the fp32 ``acc`` in the output tile and fence the block, so that the caller's next
+    accumulator does not sit beside it in registers; :func:`unpark` reads it back. IEEE fp32
+    only, where the output is fp32 (exact). Compiled for sm_90, a 64x128 F2 tile holding both
+    accumulators spilled 320 bytes a thread and B2's 1.4 KB; parked, neither spills."""
+    tl.static_assert(out[0].dtype.element_ty == tl.float32)
+    tl.store(out[0] + rows[:, None] * out[1] + outs[None, :] * out[2], acc, mask=ok)
+    tl.debug_barrier()
+
+
+@triton.jit
+def unpark(out, rows, outs, ok):
+    return tl.load(out[0] + rows[:, None] * out[1] + outs[None, :] * out[2], mask=ok, other=0.0)
+
+
+@triton.jit
 def gemm_rank_tile(
-    a, w, left, right, side,
+    a, w, left, right, side, out,
     rows, outs, m_ok, o_ok, out0, RED, K, R, tail_scale, drop, side_acc,
     W_T: tl.constexpr, WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr, QALIGNED: tl.constexpr,
     TAIL: tl.constexpr, MASK_TAIL: tl.constexpr, SIDE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -161,7 +177,9 @@ def gemm_rank_tile(
     accumulates on top, one fp32 accumulator (the extra fp32 roundings vanish in the output's
     own). IEEE fp32 sums the GEMM from zero and adds the tail once at the end, as torch orders
     it: started from the tail, every FMA of the loop would round at the output's scale, which
-    compiled on an H100 was 3-6x torch's error (issue 16).
+    compiled on an H100 was 3-6x torch's error (issue 16). The GEMM's sum waits in the output
+    tile ``out`` = (pointer, stride over rows, stride over outs) while the tail is formed
+    (:func:`park`).
 
     SIDE (F2's fused shrink): ``side_acc += keep(a tile) @ S^T`` from the same a tiles, side =
     (S (R, RED), stride over r, stride over RED), keep the dropout mask of the a elements when
@@ -211,7 +229,10 @@ def gemm_rank_tile(
         w_ptrs += w_step
 
     if TAIL and IEEE:
+        ok = m_ok[:, None] & o_ok[None, :]
+        park(out, rows, outs, ok, acc)
         zero = tl.zeros((BLOCK_M, BLOCK_OUT), tl.float32)
-        acc += _tail(left, right, rows, outs, m_ok, o_ok, out0, K, R, tail_scale, drop, zero,
+        tail = _tail(left, right, rows, outs, m_ok, o_ok, out0, K, R, tail_scale, drop, zero,
                      MASK_TAIL, ALIGNED, IEEE, BLOCK_R, BLOCK_OUT)  # fmt: skip
+        acc = unpark(out, rows, outs, ok) + tail
     return acc, side_acc

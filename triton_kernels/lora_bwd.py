@@ -141,7 +141,7 @@ def _lora_bwd_dx_kernel(
     m_ok = rows < M
     k_ok = cols < K
     acc, _ = gemm_rank_tile(  # no side product: its operand and accumulator are placeholders
-        g, w, dz, a, a,
+        g, w, dz, a, a, dx,
         rows, cols, m_ok, k_ok, k0, N, K, R, keep_scale, (seed_lo, seed_hi, thresh, keep_scale), 0.0,
         W_T=False, WQ=WQ, QBLOCK=QBLOCK, NQBLOCK=NQBLOCK, QALIGNED=QALIGNED,
         TAIL=True, MASK_TAIL=HAS_DROPOUT, SIDE=False, HAS_DROPOUT=False, ALIGNED=ALIGNED,

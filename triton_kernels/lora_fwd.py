@@ -104,7 +104,7 @@ def _lora_fwd_kernel(
     n_ok = cols < N
     bt = (b[0], b[2], b[1])  # B^T (R, N)
     acc, zacc = gemm_rank_tile(
-        x, w, z, bt, a,
+        x, w, z, bt, a, y,
         rows, cols, m_ok, n_ok, 0, K, K, R, scale, (seed_lo, seed_hi, thresh, keep_scale),
         tl.zeros((BLOCK_M, R_PAD), tl.float32),
         W_T=True, WQ=WQ, QBLOCK=QBLOCK, NQBLOCK=NQBLOCK, QALIGNED=QALIGNED,
@@ -126,7 +126,8 @@ def _lora_fwd_kernel(
         )
         # s is folded into the fp32 z before its one rounding to the operand dtype
         zs = (zacc * scale).to(btile.dtype)
-        if IEEE:  # its own accumulator, added once (gemm_rank_tile's order of the sums)
+        if IEEE:  # its own accumulator, added once (gemm_rank_tile's order of the sums). Not
+            # parked in y: compiled for sm_90 that made this kernel spill more (96 bytes -> 0.75-6 KB)
             acc += mma(zs, btile, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE)
         else:
             acc = mma(zs, btile, acc, IEEE)
