@@ -382,6 +382,16 @@ def test_ieee_fp32_keeps_register_sized_tiles():
     assert len(gemm.prune_gemm(space[:1], args, IEEE=True)) == 1
 
 
+def test_ieee_fp32_dz_dB_keeps_register_sized_chunks():
+    """B1 in IEEE fp32 drops its 256-column chunk (compiled for sm_90: 32 registers and 4.8 KB
+    of local memory a thread); TF32 and 16-bit keep all three."""
+    bwd = tk.lora_bwd
+    space = [bwd.cfg(4, 3, BLOCK_N=64), bwd.cfg(8, 3, BLOCK_N=128), bwd.cfg(8, 3, BLOCK_N=256)]
+    assert bwd._prune_dz_dB(space, {}, IEEE=False) == space
+    assert bwd._prune_dz_dB(space, {}, IEEE=True) == space[:2]
+    assert bwd._prune_dz_dB(space[2:], {}, IEEE=True) == space[2:]  # never empty
+
+
 def test_gemm_tiles_fit_shared_memory(monkeypatch):
     """F2/B2 keep the configs whose pipelined tiles fit the device's shared memory (a config
     over it only fails to launch); the byte count is the one compiled for sm_90 with wgmma."""

@@ -50,10 +50,18 @@ _prune_dx = functools.partial(prune_gemm, out_block="BLOCK_K", red_block="BLOCK_
 B1_BLOCK_M = 64
 
 
+def _prune_dz_dB(configs_, named_args, IEEE=False, **_):
+    """IEEE fp32 (FMA dots holding their operands in registers): column chunks of at most 128.
+    Compiled for sm_90 the 256-column chunk gets 32 registers and 4.8 KB of local memory a
+    thread (benchmarks/results/sm90-aot/)."""
+    return [c for c in configs_ if not IEEE or c.kwargs["BLOCK_N"] <= 128] or configs_[:1]
+
+
 @autotune(
     [cfg(4, 3, BLOCK_N=64), cfg(8, 3, BLOCK_N=128), cfg(8, 3, BLOCK_N=256)],
     cfg(1, 1, BLOCK_N=32),
-    key=["M_BUCKET", "N", "R_PAD", "NEED_DZ", "NEED_DB"],
+    key=["M_BUCKET", "N", "R_PAD", "NEED_DZ", "NEED_DB", "IEEE"],
+    prune=_prune_dz_dB,
 )
 @triton.jit
 def _lora_bwd_dz_dB_kernel(
