@@ -10,6 +10,7 @@ TTIR, TTGIR, LLVM, PTX and ptxas (bundled with triton: see :func:`use_legacy_ptx
 cubin. Nothing runs.
 
     python tests/sm90_aot.py [--all-configs] [--json FILE]
+    python tests/sm90_aot.py --compare OLD.json NEW.json   # two sweeps, config by config
 
 ``--all-configs`` compiles every autotune config (minutes per kernel family on two cores);
 by default only each autotuner's first config, the one with the largest tiles. Prints a table
@@ -257,14 +258,63 @@ def use_legacy_ptxas() -> None:
         os.environ.setdefault("TRITON_PTXAS_BLACKWELL_PATH", _tool("ptxas"))
 
 
+def _rows(paths: str) -> list[dict]:
+    rows = []
+    for path in paths.split(","):
+        with open(path) as f:
+            rows += json.load(f)["rows"]
+    return rows
+
+
+def _config(row: dict) -> tuple:
+    """A compiled kernel's identity across two sweeps: case, kernel, tiles, warps, stages."""
+    tiles = {k: v for k, v in row["constexprs"].items() if k.startswith("BLOCK") or k in ("GROUP_M", "ELEMS")}
+    return row["case"], row["kernel"], tuple(sorted(tiles.items())), row["num_warps"], row["num_stages"]
+
+
+def compare(old: list[dict], new: list[dict]) -> dict:
+    """Two sweeps' rows side by side (e.g. before and after a refactor that should not change the
+    compiled code): per config in both, equal or the (regs, spill bytes, shared bytes, SASS
+    instructions) of each; configs in one only are listed."""
+
+    def facts(r):
+        return r["regs"], r["local"] + r["stack"], r["shared"], r.get("sass")
+
+    a, b = {_config(r): r for r in old}, {_config(r): r for r in new}
+    both = sorted(set(a) & set(b), key=str)
+    changed = [(k, facts(a[k]), facts(b[k])) for k in both if facts(a[k]) != facts(b[k])]
+    return {
+        "same": len(both) - len(changed),
+        "changed": changed,
+        "only_old": sorted(set(a) - set(b), key=str),
+        "only_new": sorted(set(b) - set(a), key=str),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("OLD", "NEW"),
+        help="compare two sweeps' JSON (each a comma-separated list of shard files) and exit",
+    )
     ap.add_argument("--all-configs", action="store_true", help="compile every autotune config, not only the first")
     ap.add_argument("--json", help="write the rows and versions here")
     ap.add_argument("--only", action="append", default=[], help="cases whose name contains this (repeatable)")
     ap.add_argument("--dtypes", default="bfloat16,float16,float32", help="comma-separated torch dtypes")
     ap.add_argument("--shard", default="0/1", help="I/N: compile every N-th case from the I-th (parallel runs)")
     args = ap.parse_args(argv)
+    if args.compare:
+        diff = compare(*map(_rows, args.compare))
+        for key, before, after in diff["changed"]:
+            print(f"{key[0]:<26} {key[1]:<24} {dict(key[2])} {key[3]}w {key[4]}s  {before} -> {after}")
+        for side in ("only_old", "only_new"):
+            for key in diff[side]:
+                print(f"{side}: {key[0]} {key[1]} {dict(key[2])} {key[3]}w {key[4]}s")
+        n = diff["same"] + len(diff["changed"])
+        print(f"(regs, spill bytes, shared bytes, SASS): {diff['same']} of {n} configs in both sweeps the same")
+        return 0
     shard, shards = map(int, args.shard.split("/"))
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
 

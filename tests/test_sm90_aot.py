@@ -145,6 +145,34 @@ def test_ieee_fp32_gemms_hold_one_accumulator(compiled):
     ]
 
 
+def test_compare_reports_what_changed(tmp_path):
+    """``sm90_aot.py --compare``, the check behind a kernel refactor made without a GPU: same
+    configs counted, a changed one shown with its (regs, spill, shared, SASS) before and after,
+    and a config in one sweep only listed."""
+
+    def row(kernel, block, regs, sass):
+        facts = {"shared": 1024, "regs": regs, "stack": 0, "local": 0, "sass": sass}
+        config = {"constexprs": {"BLOCK_M": block, "IEEE": False}, "num_warps": 4, "num_stages": 3}
+        return {"case": "fwd-dense-bfloat16", "kernel": kernel, **config, **facts}
+
+    f2 = "_lora_fwd_kernel"
+    old = [row(f2, 64, 200, 1000), row(f2, 128, 240, 1500), row("_gone", 16, 1, 1)]
+    new = [row(f2, 64, 200, 1000), row(f2, 128, 240, 1512), row("_new", 16, 1, 1)]
+    paths = []
+    for name, rows in (("old", old), ("new", new)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"rows": rows}))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sm90_aot.py"), "--compare", *map(str, paths)],
+        capture_output=True, text=True, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "(240, 0, 1024, 1500) -> (240, 0, 1024, 1512)" in res.stdout
+    assert "only_old: fwd-dense-bfloat16 _gone" in res.stdout and "only_new: fwd-dense-bfloat16 _new" in res.stdout
+    assert "1 of 2 configs in both sweeps the same" in res.stdout
+
+
 def _nvcc() -> str:
     nvcc = shutil.which("nvcc") or (
         os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
