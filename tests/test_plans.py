@@ -91,6 +91,19 @@ def test_first_use_picks_the_faster_plan_and_keeps_it(tmp_path, faster, monkeypa
     assert rows[0]["times_ms"][faster] == pytest.approx(1.0)
 
 
+def test_a_decision_on_disk_is_reused_only_by_the_same_code(tmp_path, monkeypatch):
+    """A kept decision skips the first-use check, so a change to the kernels or backends (a
+    source checkout keeps its version string) makes a new key: checked and timed again."""
+    monkeypatch.delenv("FASTLORA_TRITON_PIN", raising=False)
+    timer = FakeTimer(hybrid=1e-3, fused=2e-3)
+    assert _choose(_chooser(tmp_path, timer)) == "hybrid" and len(timer.timed) == 2
+    digest = plans._code_digest()
+    assert len(digest) == 12 and digest in plans._versions()
+    monkeypatch.setattr(plans, "_code_digest", lambda: "0" * 12)
+    timer2 = FakeTimer(hybrid=2e-3, fused=1e-3)
+    assert _choose(_chooser(tmp_path, timer2)) == "fused" and sorted(timer2.timed) == ["fused", "hybrid"]
+
+
 def test_m_bucket_and_shape_are_part_of_the_key(tmp_path):
     timer = FakeTimer(hybrid=1e-3, fused=2e-3)
     chooser = _chooser(tmp_path, timer)
