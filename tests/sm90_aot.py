@@ -15,7 +15,8 @@ cubin. Nothing runs.
 ``--all-configs`` compiles every autotune config (minutes per kernel family on two cores);
 by default only each autotuner's first config, the one with the largest tiles. Prints a table
 and writes one JSON row per compiled kernel: name, constexprs, warps, stages, shared memory,
-registers, spill bytes and SASS instruction count (from the bundled cuobjdump), whether its PTX rounds adds explicitly.
+registers, spill bytes and SASS instruction count (from the bundled cuobjdump), whether its
+PTX rounds adds explicitly, and its PTX's fp32 arithmetic by opcode.
 Used by tests/test_sm90_aot.py; TRITON_INTERPRET must not be set.
 """
 
@@ -29,6 +30,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from functools import partial
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -122,9 +124,15 @@ class Recorder:
                 "shared": md.shared,
                 **resource_usage(kernel.asm["cubin"]),
                 "add_rn": bool(re.search(r"\badd\.rn\.f32\b", ptx)),
+                # fp32 arithmetic in the PTX by opcode: a change in how sums are contracted or
+                # rounded (an FMA become a multiply and an add) shows here, not in the counts above
+                "fp32_ops": dict(sorted(Counter(_FP32_OP.findall(ptx)).items())),
                 "mma": "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync\b", ptx) else "fma"),
             }
         )
+
+
+_FP32_OP = re.compile(r"\b((?:fma|mul|add|sub|div|neg|abs|max|min)(?:\.[a-z]+)*\.f32)\b")
 
 
 def _tool(name: str) -> str:
@@ -275,10 +283,11 @@ def _config(row: dict) -> tuple:
 def compare(old: list[dict], new: list[dict]) -> dict:
     """Two sweeps' rows side by side (e.g. before and after a refactor that should not change the
     compiled code): per config in both, equal or the (regs, spill bytes, shared bytes, SASS
-    instructions) of each; configs in one only are listed."""
+    instructions, fp32 PTX opcodes) of each; configs in one only are listed."""
 
     def facts(r):
-        return r["regs"], r["local"] + r["stack"], r["shared"], r.get("sass")
+        ops = r.get("fp32_ops")
+        return r["regs"], r["local"] + r["stack"], r["shared"], r.get("sass"), ops and tuple(sorted(ops.items()))
 
     a, b = {_config(r): r for r in old}, {_config(r): r for r in new}
     both = sorted(set(a) & set(b), key=str)
@@ -313,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             for key in diff[side]:
                 print(f"{side}: {key[0]} {key[1]} {dict(key[2])} {key[3]}w {key[4]}s")
         n = diff["same"] + len(diff["changed"])
-        print(f"(regs, spill bytes, shared bytes, SASS): {diff['same']} of {n} configs in both sweeps the same")
+        print(f"(regs, spill, shared, SASS, fp32 ops): {diff['same']} of {n} configs in both sweeps the same")
         return 0
     shard, shards = map(int, args.shard.split("/"))
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]

@@ -127,14 +127,24 @@ def rank_tile(left, right, rows, outs, m_ok, o_ok, R, acc, IEEE: tl.constexpr, B
 
 
 @triton.jit
-def _tail(left, right, rows, outs, m_ok, o_ok, out0, K, R, tail_scale, drop, acc,
-          MASK_TAIL: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
-          BLOCK_R: tl.constexpr, BLOCK_OUT: tl.constexpr):  # fmt: skip
-    """``acc + tail_scale * (L @ T)``, zero where dropped (MASK_TAIL: B2's keep-mask of the
-    (rows, outs) elements of the (M, K) input)."""
-    t = rank_tile(left, right, rows, outs, m_ok, o_ok, R, acc, IEEE, BLOCK_R) * tail_scale
+def _add_tail(parked, left, right, rows, outs, m_ok, o_ok, out0, K, R, tail_scale, drop,
+              MASK_TAIL: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_OUT: tl.constexpr):  # fmt: skip
+    """``tail_scale * (L @ T)``, zero where dropped (MASK_TAIL: B2's keep-mask of the (rows,
+    outs) elements of the (M, K) input), added to the tile :func:`park` left in ``parked`` (the
+    output operand) unless that is None. The parked tile is read back only after the tail is
+    formed, so the two are never in registers together. Unmasked onto the parked sum it is one
+    FMA an element, one rounding (what the compiler made of ``acc += tail * scale`` before the
+    sum was parked)."""
+    t = rank_tile(left, right, rows, outs, m_ok, o_ok, R, tl.zeros((BLOCK_M, BLOCK_OUT), tl.float32), IEEE, BLOCK_R)
     if MASK_TAIL:
-        t = tl.where(keep_tile(rows, out0, K, drop[0], drop[1], drop[2], BLOCK_OUT, ALIGNED), t, 0.0)
+        t = tl.where(keep_tile(rows, out0, K, drop[0], drop[1], drop[2], BLOCK_OUT, ALIGNED), t * tail_scale, 0.0)
+        if parked is not None:
+            t = unpark(parked, rows, outs, m_ok[:, None] & o_ok[None, :]) + t
+    elif parked is not None:
+        t = tl.fma(t, tail_scale, unpark(parked, rows, outs, m_ok[:, None] & o_ok[None, :]))
+    else:
+        t = t * tail_scale
     return t
 
 
@@ -165,7 +175,7 @@ def gemm_rank_tile(
     R_PAD: tl.constexpr,
 ):  # fmt: skip
     """(out tile in fp32, side_acc): the GEMM ``a[rows] @ Wv[:, outs]`` over RED in BLOCK_RED
-    steps, plus (TAIL) the rank-r tail :func:`_tail`.
+    steps, plus (TAIL) the rank-r tail :func:`_add_tail`.
 
     a: (pointer, stride over rows, stride over RED). w: (tensors, stride_n, stride_k) of W (N, K);
     W_T: Wv = W^T (F2: RED is W's K, outs its N), else Wv = W (B2: RED is N, outs are K columns
@@ -185,10 +195,11 @@ def gemm_rank_tile(
     (S (R, RED), stride over r, stride over RED), keep the dropout mask of the a elements when
     HAS_DROPOUT; returned unscaled. Without SIDE side_acc comes back untouched.
     """
-    acc = tl.zeros((BLOCK_M, BLOCK_OUT), tl.float32)
     if TAIL and not IEEE:
-        acc = _tail(left, right, rows, outs, m_ok, o_ok, out0, K, R, tail_scale, drop, acc,
-                    MASK_TAIL, ALIGNED, IEEE, BLOCK_R, BLOCK_OUT)  # fmt: skip
+        acc = _add_tail(None, left, right, rows, outs, m_ok, o_ok, out0, K, R, tail_scale, drop,
+                        MASK_TAIL, ALIGNED, IEEE, BLOCK_M, BLOCK_R, BLOCK_OUT)  # fmt: skip
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_OUT), tl.float32)
 
     reds = tl.arange(0, BLOCK_RED)
     a_ptrs = a[0] + rows[:, None] * a[1] + reds[None, :] * a[2]
@@ -229,10 +240,7 @@ def gemm_rank_tile(
         w_ptrs += w_step
 
     if TAIL and IEEE:
-        ok = m_ok[:, None] & o_ok[None, :]
-        park(out, rows, outs, ok, acc)
-        zero = tl.zeros((BLOCK_M, BLOCK_OUT), tl.float32)
-        tail = _tail(left, right, rows, outs, m_ok, o_ok, out0, K, R, tail_scale, drop, zero,
-                     MASK_TAIL, ALIGNED, IEEE, BLOCK_R, BLOCK_OUT)  # fmt: skip
-        acc = unpark(out, rows, outs, ok) + tail
+        park(out, rows, outs, m_ok[:, None] & o_ok[None, :], acc)
+        acc = _add_tail(out, left, right, rows, outs, m_ok, o_ok, out0, K, R, tail_scale, drop,
+                        MASK_TAIL, ALIGNED, IEEE, BLOCK_M, BLOCK_R, BLOCK_OUT)  # fmt: skip
     return acc, side_acc
