@@ -47,6 +47,9 @@ SHAPES = [(1, 33, 70, 1), (37, 70, 33, 13), (37, 48, 70, 64)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CASES = [pytest.param(*s, dt, id=_case_id(*s, dt)) for s in SHAPES for dt in DTYPES]
 CASES.append(pytest.param(37, 33, 33, 256, torch.float32, id=_case_id(37, 33, 33, 256, torch.float32)))
+# M over four of B1's 64-row tiles (the GPU's tile, run here too): the default grid has a
+# program sum two row tiles into one dB partial, and B3 reduces several row splits
+CASES.append(pytest.param(197, 33, 70, 13, torch.bfloat16, id=_case_id(197, 33, 70, 13, torch.bfloat16)))
 
 
 def _inputs(M, K, N, r, dtype, bias=True, seed=0):
@@ -390,6 +393,35 @@ def test_ieee_fp32_dz_dB_keeps_register_sized_chunks():
     assert bwd._prune_dz_dB(space, {}, IEEE=False) == space
     assert bwd._prune_dz_dB(space, {}, IEEE=True) == space[:2]
     assert bwd._prune_dz_dB(space[2:], {}, IEEE=True) == space[2:]  # never empty
+
+
+def test_gemm_autotune_keys_tell_dtypes_apart(monkeypatch):
+    """triton's autotuner keys a call on its ``key`` arguments plus the dtype of each argument
+    that has one (triton/runtime/autotuner.py, ``Autotuner.run``), and a cache hit skips the
+    pruning. F2 and B2 take their tensors in tuples, which have none, so they key on DTYPE:
+    without it a fp32 (TF32) call reused the tile tuned for bf16 at the same shape, 288 KiB of
+    shared memory against an H100's 227 (found in review)."""
+    keys = []
+
+    def recording(kernel):
+        run = kernel.run
+
+        def run_and_record(*args, **kwargs):
+            named = {**dict(zip(kernel.arg_names, args, strict=False)), **kwargs}
+            key = [named[k] for k in kernel.keys if k in named]
+            keys.append((kernel.fn.__name__, *key, *(str(v.dtype) for v in named.values() if hasattr(v, "dtype"))))
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run_and_record)
+
+    recording(tk.lora_fwd._lora_fwd_kernel)
+    recording(tk.lora_bwd._lora_bwd_dx_kernel)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x, W, b, A, B, g = _inputs(37, 33, 70, 13, dtype)
+        tk.lora_forward(x, W, b, A, B, 0.5, 0.0, SEED)
+        tk.lora_bwd_dx(g, torch.zeros(37, 13, device=DEVICE), W, A, 0.0, SEED)
+    for name in ("_lora_fwd_kernel", "_lora_bwd_dx_kernel"):
+        assert len({k for k in keys if k[0] == name}) == 3, keys
 
 
 def test_gemm_tiles_fit_shared_memory(monkeypatch):

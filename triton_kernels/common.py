@@ -70,6 +70,31 @@ def dot_flags(dtype: torch.dtype) -> dict:
     return {"IEEE": dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32}
 
 
+# The compiled kernels may contract ``a * b + c`` into one FMA (one rounding instead of the two
+# that fastlora.quant's host code makes); add_rounded keeps an add apart. The interpreter (numpy)
+# never contracts, and runs no inline PTX; nor does ROCm's backend run NVIDIA's.
+_EXACT_ADD = tl.constexpr(not INTERPRET and torch.version.hip is None)
+
+
+@triton.jit
+def add_rounded(a, b):
+    """``a + b`` rounded on its own, never fused with the product that made ``a``: PTX
+    ``add.rn.f32``, which ptxas does not contract, and without the flush-to-zero that triton
+    compiles libdevice's ``add_rn`` with (``add.rn.ftz.f32``). (NF4 double quant's absmax sum.)"""
+    if _EXACT_ADD:
+        return tl.inline_asm_elementwise(
+            "add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    return a + b
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as a constexpr for autotune keys of kernels that take their tensors in tuples:
+    triton adds the dtype of each tensor argument to the key, but a tuple carries none, and
+    bf16, fp16 and fp32 tiles are tuned and pruned differently."""
+    return str(dtype).removeprefix("torch.")
+
+
 def operand(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """A 2-D tensor as the GEMM kernels take it: (tensor, stride 0, stride 1)."""
     return t, t.stride(0), t.stride(1)

@@ -22,6 +22,7 @@ from .common import (
     check_dtype,
     dot_flags,
     dropout_args,
+    dtype_name,
     int32_safe,
     m_bucket,
     mma,
@@ -126,7 +127,10 @@ def _lora_bwd_dz_dB_kernel(
 
 
 @autotune(
-    _DX_GPU, _DX_INTERPRET, key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "WQ", "QBLOCK", "IEEE"], prune=_prune_dx
+    _DX_GPU,
+    _DX_INTERPRET,
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "WQ", "QBLOCK", "IEEE", "DTYPE"],
+    prune=_prune_dx,
 )
 @triton.jit(do_not_specialize=_DROPOUT)
 def _lora_bwd_dx_kernel(
@@ -135,12 +139,14 @@ def _lora_bwd_dx_kernel(
     seed_lo, seed_hi, thresh, keep_scale,
     HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
     WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr, QALIGNED: tl.constexpr, IEEE: tl.constexpr,
+    DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dx (M, K) = g (M, N) @ W (N, K) + keep * (dz (M, R) @ A (R, K)) / (1 - p):
     :func:`gemm_rank_tile` over N with the masked tail dz A. Operands as (pointer, stride,
     stride); w = (tensors, stride_n, stride_k), W dense or quantized and dequantized tile by
     tile to g's dtype (as F2). BLOCK_N is the reduction tile here, BLOCK_K the output column tile.
+    DTYPE: g's dtype name, for the autotune key only (as F2).
     """
     pid_m, pid_k = grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -243,7 +249,7 @@ def lora_bwd_dx(
         operand(g), w_op, operand(dz), operand(lora_A), operand(dx),
         M, N, K, R, m_bucket(M),
         **dropout_args(p, seed), ALIGNED=K % 4 == 0, R_PAD=r_pad, BLOCK_R=min(r_pad, 64),
-        **w_meta, **dot_flags(g.dtype),
+        **w_meta, **dot_flags(g.dtype), DTYPE=dtype_name(g.dtype),
     )  # fmt: skip
     return dx
 

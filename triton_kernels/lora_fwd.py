@@ -17,6 +17,7 @@ from .common import (
     check_dtype,
     dot_flags,
     dropout_args,
+    dtype_name,
     int32_safe,
     m_bucket,
     mma,
@@ -74,7 +75,7 @@ def _lora_shrink_kernel(
 @autotune(
     GEMM_GPU,
     GEMM_INTERPRET,
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "FUSE_SHRINK", "WQ", "QBLOCK", "IEEE"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "FUSE_SHRINK", "WQ", "QBLOCK", "IEEE", "DTYPE"],
     prune=prune_gemm,
 )
 @triton.jit(do_not_specialize=_DROPOUT)
@@ -85,12 +86,14 @@ def _lora_fwd_kernel(
     FUSE_SHRINK: tl.constexpr, HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
     WQ: tl.constexpr, QBLOCK: tl.constexpr, NQBLOCK: tl.constexpr, QALIGNED: tl.constexpr, IEEE: tl.constexpr,
+    DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """y (M, N) = x @ W^T + s * z @ B^T + bias: :func:`gemm_rank_tile` over K with the tail
     z B^T, y written once. Operands as (pointer, stride, stride): x (M, K), lora_A a (R, K),
     lora_B b (N, R), z (M, R), y (M, N); w = (tensors, stride_n, stride_k), W dense or quantized
-    (WQ, triton_kernels/quant.py); bias_ptr (N,) or None.
+    (WQ, triton_kernels/quant.py); bias_ptr (N,) or None. DTYPE: x's dtype name, for the
+    autotune key only (triton keys on the dtype of tensor arguments; a tuple has none).
 
     FUSE_SHRINK=False: z (M, R) was written by F1. FUSE_SHRINK=True: z = dropout(x) A^T is
     accumulated from the x tiles of the K loop (the mask regenerated per N tile), written by the
@@ -197,6 +200,6 @@ def lora_forward(
         M, N, K, R, m_bucket(M),
         scale, **dropout_args(p if fuse_shrink else 0.0, seed),
         FUSE_SHRINK=fuse_shrink, ALIGNED=K % 4 == 0,
-        R_PAD=r_pad, BLOCK_R=min(r_pad, 64), **w_meta, **dot_flags(x.dtype),
+        R_PAD=r_pad, BLOCK_R=min(r_pad, 64), **w_meta, **dot_flags(x.dtype), DTYPE=dtype_name(x.dtype),
     )  # fmt: skip
     return y, z

@@ -209,7 +209,9 @@ def lora_dA_tail(
     da_part = new_buffer((S, R, K), torch.float32, ref.device) if need_da else dz
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), S)
     _lora_dA_tail_kernel[grid](
-        dz, x if need_da else ref, lora_A, da_part, dx if need_tail else ref,
+        # an operand not needed is a small placeholder: dx_ptr is restored around each timed
+        # run (restore=), which with x in its place would copy x four times a tuning run
+        dz, x if need_da else ref, lora_A, da_part, dx if need_tail else dz,
         M, K, R, m_bucket(M),
         dz.stride(0), dz.stride(1), *(x.stride() if need_da else (0, 0)), lora_A.stride(0), lora_A.stride(1),
         R * K, K, *(dx.stride() if need_tail else (0, 0)),

@@ -24,17 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, autotune, cfg, round_to
+from .common import add_rounded, autotune, cfg, round_to
 
 DENSE, NF4, NF4_DQ, INT8 = 0, 1, 2, 3
 # jit code reads module globals only as constexprs
 _NF4_DQ, _INT8 = tl.constexpr(NF4_DQ), tl.constexpr(INT8)
 _INT8_SCALE = tl.constexpr(7.874015718698502e-3)  # bitsandbytes' 1/127, applied in fp32
-
-# The compiled kernels may contract ``a * b + c`` into one FMA (one rounding instead of the two
-# that fastlora.quant's host code makes); the double-quant sum goes through an explicitly
-# rounded add there. The interpreter (numpy) never contracts, and runs no inline PTX.
-_EXACT_ADD = tl.constexpr(not INTERPRET and torch.version.hip is None)
 
 
 class QuantWeight(NamedTuple):
@@ -98,18 +93,6 @@ def weight_operands(weight: torch.Tensor | QuantWeight) -> tuple[tuple, dict]:
 
 
 @triton.jit
-def _add_rounded(a, b, EXACT: tl.constexpr):
-    """``a + b`` rounded on its own, never fused with the product that made ``a``: PTX
-    ``add.rn.f32``, which ptxas does not contract, and without the flush-to-zero that triton
-    compiles libdevice's ``add_rn`` with (``add.rn.ftz.f32``)."""
-    if EXACT:
-        return tl.inline_asm_elementwise(
-            "add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1
-        )
-    return a + b
-
-
-@triton.jit
 def _pick2(code_ptr, i: tl.constexpr, b0):
     return tl.where(b0, tl.load(code_ptr + i + 1), tl.load(code_ptr + i))
 
@@ -143,7 +126,7 @@ def _block_absmax(q, block, ok, WQ: tl.constexpr, NQBLOCK: tl.constexpr):
         quantized = tl.load(q[1] + block, mask=ok, other=0).to(tl.int32)
         absmax = tl.load(q[4] + quantized, mask=ok, other=0.0)
         absmax = absmax * tl.load(q[3] + block // NQBLOCK, mask=ok, other=0.0)
-        absmax = _add_rounded(absmax, tl.load(q[5]), _EXACT_ADD)
+        absmax = add_rounded(absmax, tl.load(q[5]))
     else:
         absmax = tl.load(q[1] + block, mask=ok, other=0.0)
     return absmax  # one return: compiled triton types every return, taken or not
@@ -214,7 +197,11 @@ def _dequantize_kernel(
     tl.store(out_ptrs, round_to(wt, out_ptr.dtype.element_ty), mask=n_ok & k_ok)
 
 
-@autotune([cfg(4, 1, ELEMS=2048), cfg(8, 1, ELEMS=4096), cfg(8, 1, ELEMS=8192)], cfg(1, 1, ELEMS=256), key=["QBLOCK"])
+# WQ in the key: a double-quantized absmax is a gather more per block (the statistics are
+# tuple elements, whose dtypes triton's key does not see)
+@autotune(
+    [cfg(4, 1, ELEMS=2048), cfg(8, 1, ELEMS=4096), cfg(8, 1, ELEMS=8192)], cfg(1, 1, ELEMS=256), key=["QBLOCK", "WQ"]
+)
 @triton.jit
 def _dequantize_nf4_flat_kernel(
     q, out_ptr, NUMEL,
