@@ -116,24 +116,25 @@ def _versions() -> str:
     return f"fastlora{fv}-code{_code_digest()}-torch{torch.__version__}-triton{tv}"
 
 
-# the GPU code a decision was checked and timed with: the Triton kernels and the backends
-_CODE_DIRS = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[2] / "triton_kernels")
-
-
 @functools.cache
 def _code_digest() -> str:
-    """12 hex digits of a hash of the plans' source (the backends and the Triton kernels). A
-    decision on disk skips the first-use check, so it is reused only by the code it was checked
-    and timed with: a source checkout changes that code without a version bump. Where the
-    kernels are installed (site-packages/fastlora/triton_kernels) they are found there."""
+    """12 hex digits of a hash of the plans' source: the backends, the quantized formats they
+    prepare, and the Triton kernels (wherever ``fastlora.triton_kernels`` was loaded from: the
+    checkout's triton_kernels/ or the installed package). A decision on disk skips the first-use
+    check, so it is reused only by the code it was checked and timed with: a source checkout
+    changes that code without a version bump."""
+    here = Path(__file__).resolve().parent
+    dirs = [here, here.parent / "quant"]
+    try:
+        from . import triton_backend
+
+        dirs.append(Path(triton_backend.tk.__file__).resolve().parent)
+    except ImportError:  # pragma: no cover - the plans need triton anyway
+        pass
     h = hashlib.sha256()
-    dirs = list(_CODE_DIRS)
-    installed = Path(__file__).resolve().parents[1] / "triton_kernels"
-    if installed.is_dir():
-        dirs.append(installed)
     for d in dirs:
-        for path in sorted(d.glob("*.py")) if d.is_dir() else ():
-            h.update(path.name.encode() + b"\0" + path.read_bytes())
+        for path in sorted(d.glob("*.py")):
+            h.update(f"{d.name}/{path.name}".encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:12]
 
 
