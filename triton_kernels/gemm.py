@@ -19,7 +19,7 @@ for a dense W, the codes and statistics of a quantized one: triton_kernels/quant
 import triton
 import triton.language as tl
 
-from .common import cfg, configs, max_shared_memory, mma, round_to
+from .common import cfg, max_shared_memory, mma, round_to
 from .philox import keep_tile
 from .quant import DENSE, dequant_tile
 
@@ -78,7 +78,6 @@ GEMM_GPU = [
     cfg(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8),
 ]
 GEMM_INTERPRET = cfg(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
-GEMM_CONFIGS = configs(GEMM_GPU, GEMM_INTERPRET)
 
 
 def swap_nk(c: triton.Config) -> triton.Config:
